@@ -1,0 +1,14 @@
+"""ComfyUI side of the pack: thin V3 nodes and the one adapter (``adapter.py``)."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class TokenPruningExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .sito_node import SiToTokenPruning
+        return [SiToTokenPruning]
+
+
+async def comfy_entrypoint() -> TokenPruningExtension:
+    return TokenPruningExtension()

@@ -1,0 +1,427 @@
+"""The one module that touches ComfyUI internals.
+
+Everything here goes through ComfyUI's public patch API — ``ModelPatcher.clone()``,
+attention patch pairs (``attn1_patch``/``attn1_output_patch`` …), keyed wrappers from
+``comfy.patcher_extension``, object patches and attachments. We never copy the UNet's
+``_forward`` and never take the single-slot ``model_function_wrapper``, so other packs'
+patches, ControlNet residuals and LoRA keep working around ours.
+
+Lifecycle (the EasyCache pattern, see docs in README "How it hooks in"):
+- the node stores only *configuration* (frozen dataclasses captured by closures), so it
+  does not matter whether ``clone()`` deep-copies ``model_options`` (ComfyUI 0.3.x) or
+  shares them (0.38.x);
+- an OUTER_SAMPLE wrapper creates a fresh :class:`RunState` for each sampling run, puts it in
+  this run's ``transformer_options[RUN_KEY][uid]`` and drops it afterwards — a hires pass, a
+  second queue or an interrupted run never sees a previous run's tensors;
+- the sampler's per-step callback counts finished steps (so Heun-type samplers, which call
+  the model twice per step, stay aligned to steps), and a CALC_COND_BATCH wrapper decides once
+  per step whether the patch is inside ``start_percent``/``end_percent`` (one host sync per
+  step, none per block call).
+
+Imports of ``comfy`` happen inside functions: importing the pack must stay cheap and must
+never break ComfyUI start-up.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..pruning_core.geometry import TokenGrid, downsample_factor, grid_from_shapes
+from ..pruning_core.recovery import PrunePlan
+
+log = logging.getLogger("token_pruning_cache")
+
+RUN_KEY = "token_pruning_cache"  # transformer_options key holding {uid: RunState} during a run
+ATTACHMENT_KEY = "token_pruning_cache"  # ModelPatcher attachment: list of (uid, method) on this model
+WRAPPER_PREFIX = "token_pruning_cache"
+
+# Decisions recorded during the most recent runs, for the preview node. Bounded, and holds
+# only small CPU tensors; it is never read by sampling itself.
+_RECORDS: "OrderedDict[str, RunRecord]" = OrderedDict()
+_RECORDS_MAX = 16
+
+
+# --------------------------------------------------------------------------------------
+# Per-run state
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """What a run decided, kept at the highest-resolution level for the preview node."""
+
+    method: str
+    total_steps: int
+    token_maps: dict = field(default_factory=dict)  # step -> (h, w, uint8 map) 0 kept 1 base 2 pruned / 0 recomputed 2 cached
+    step_kinds: dict = field(default_factory=dict)  # step -> "full" | "shallow" | "reuse" | "pruned"
+    max_maps: int = 64
+
+    def add_map(self, step: int, grid: TokenGrid, codes: torch.Tensor) -> None:
+        if step in self.token_maps or len(self.token_maps) >= self.max_maps:
+            return
+        self.token_maps[step] = (grid.h, grid.w, codes.detach().to("cpu", torch.uint8).reshape(grid.h, grid.w))
+
+
+class RunState:
+    """Everything that lives for exactly one sampling run of one patch."""
+
+    def __init__(self, uid: str, method: str, sample_sigmas: list[float], start_sigma: float, end_sigma: float,
+                 seed: int):
+        self.uid = uid
+        self.method = method
+        self.sample_sigmas = sample_sigmas
+        self.total_steps = max(len(sample_sigmas) - 1, 0)
+        self.start_sigma = start_sigma
+        self.end_sigma = end_sigma
+        self.seed = seed
+        self.step = 0  # index of the sampler step the next model call belongs to
+        self.callbacks_seen = 0
+        self.sigma: float | None = None
+        self.active = True
+        self.active_steps: set[int] = set()
+        self.level_stats: dict[tuple[int, int], list[int]] = {}  # (h, w) -> [calls, pruned, tokens]
+        self.record = RunRecord(method=method, total_steps=self.total_steps)
+        self.extra: dict = {}  # method-specific per-run state (caches, dynamics maps, ...)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._lock = threading.Lock()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A seeded generator per device; re-created for every run, so runs are reproducible."""
+        g = self._generators.get(device)
+        if g is None:
+            with self._lock:
+                g = self._generators.get(device)
+                if g is None:
+                    g = torch.Generator(device=device)
+                    g.manual_seed(self.seed)
+                    self._generators[device] = g
+        return g
+
+    def begin_step_call(self, sigma: float) -> None:
+        self.sigma = sigma
+        self.active = self.end_sigma <= sigma <= self.start_sigma
+
+    def step_finished(self, i: int) -> None:
+        self.callbacks_seen += 1
+        self.step = i + 1
+
+    def count(self, grid: TokenGrid, pruned: int) -> None:
+        s = self.level_stats.setdefault((grid.h, grid.w), [0, 0, 0])
+        s[0] += 1
+        s[1] += pruned
+        s[2] += grid.n
+        self.active_steps.add(self.step)
+
+    def summary_levels(self) -> str:
+        if not self.level_stats:
+            return "no tokens pruned"
+        parts = []
+        for (h, w), (calls, pruned, tokens) in sorted(self.level_stats.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+            parts.append(f"{h}x{w}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} block calls")
+        return "; ".join(parts)
+
+
+def run_state(transformer_options: dict, uid: str) -> RunState | None:
+    runs = transformer_options.get(RUN_KEY)
+    if runs is None:
+        return None
+    return runs.get(uid)
+
+
+def last_records(model) -> list[tuple[str, RunRecord]]:
+    """The records of the last run of every patch of ours on ``model`` (newest last)."""
+    out = []
+    for uid, method in (model.get_attachment(ATTACHMENT_KEY) or []):
+        rec = _RECORDS.get(uid)
+        if rec is not None:
+            out.append((method, rec))
+    return out
+
+
+def _store_record(uid: str, record: RunRecord) -> None:
+    _RECORDS[uid] = record
+    _RECORDS.move_to_end(uid)
+    while len(_RECORDS) > _RECORDS_MAX:
+        _RECORDS.popitem(last=False)
+
+
+# --------------------------------------------------------------------------------------
+# Model inspection (feature detection, never version parsing)
+# --------------------------------------------------------------------------------------
+
+def diffusion_model(model):
+    return model.get_model_object("diffusion_model")
+
+
+def attention_levels(model) -> list[int]:
+    """Downsample factors of the UNet levels that hold transformer blocks (SD1.5: 1,2,4; SDXL: 2,4).
+
+    Empty when the model is not a UNet with ``input_blocks`` (a DiT, or something unknown).
+    """
+    dm = diffusion_model(model)
+    blocks = getattr(dm, "input_blocks", None)
+    if blocks is None:
+        return []
+    levels, factor = set(), 1
+    for block in blocks:
+        for layer in block:
+            name = type(layer).__name__
+            if "SpatialTransformer" in name or "SpatialVideoTransformer" in name:
+                levels.add(factor)
+            if name == "Downsample":
+                factor *= 2
+    return sorted(levels)
+
+
+def transformer_block_paths(model, max_downsample: int | None = None) -> list[str]:
+    """Dotted paths (under ``diffusion_model``) of UNet BasicTransformerBlocks at eligible levels."""
+    dm = diffusion_model(model)
+    paths: list[str] = []
+
+    def visit(prefix: str, module, factor: int) -> None:
+        if max_downsample is not None and factor > max_downsample:
+            return
+        for name, sub in module.named_modules():
+            if type(sub).__name__ == "BasicTransformerBlock":
+                paths.append(f"{prefix}.{name}" if name else prefix)
+
+    factor = 1
+    for i, block in enumerate(getattr(dm, "input_blocks", [])):
+        visit(f"input_blocks.{i}", block, factor)
+        if any(type(layer).__name__ == "Downsample" for layer in block):
+            factor *= 2
+    if getattr(dm, "middle_block", None) is not None:
+        visit("middle_block", dm.middle_block, factor)
+    for i, block in enumerate(getattr(dm, "output_blocks", [])):
+        visit(f"output_blocks.{i}", block, factor)
+        if any(type(layer).__name__ == "Upsample" for layer in block):
+            factor //= 2
+    return paths
+
+
+def model_class_name(model) -> str:
+    try:
+        return type(diffusion_model(model)).__name__
+    except Exception:  # noqa: BLE001 - only used for messages
+        return type(getattr(model, "model", model)).__name__
+
+
+# --------------------------------------------------------------------------------------
+# Run lifecycle: OUTER_SAMPLE + CALC_COND_BATCH wrappers
+# --------------------------------------------------------------------------------------
+
+def _wrappers():
+    import comfy.patcher_extension as pe
+    return pe.WrappersMP
+
+
+def _sigma_of(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])  # one host sync per sampler step
+    return float(timestep)
+
+
+def install_run_lifecycle(model, uid: str, method: str, start_percent: float, end_percent: float, seed: int,
+                          summary: Callable[[RunState], str], on_start: Callable[[RunState, object], None] | None = None,
+                          on_end: Callable[[RunState], None] | None = None) -> None:
+    """Give the patch ``uid`` a fresh :class:`RunState` for every sampling run of ``model``."""
+    import comfy.model_patcher
+
+    W = _wrappers()
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        original_options = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        sampling = guider.model_patcher.get_model_object("model_sampling")
+        state = RunState(uid, method, [float(s) for s in sigmas.reshape(-1).cpu()],
+                         start_sigma=float(sampling.percent_to_sigma(start_percent)),
+                         end_sigma=float(sampling.percent_to_sigma(end_percent)), seed=seed)
+        to = guider.model_options.setdefault("transformer_options", {})
+        runs = dict(to.get(RUN_KEY, {}))
+        runs[uid] = state
+        to[RUN_KEY] = runs
+        if on_start is not None:
+            on_start(state, guider)
+
+        user_callback = args[5] if len(args) > 5 else kwargs.get("callback")
+
+        def step_callback(i, *rest):
+            state.step_finished(int(i))
+            if user_callback is not None:
+                return user_callback(i, *rest)
+
+        if len(args) > 5:
+            args = args[:5] + (step_callback,) + args[6:]
+        else:
+            kwargs["callback"] = step_callback
+        finished = False
+        try:
+            out = executor(*args, **kwargs)
+            finished = True
+            return out
+        finally:
+            guider.model_options = original_options
+            if on_end is not None:
+                on_end(state)
+            _store_record(uid, state.record)
+            if finished:
+                log.info(summary(state))
+            state.extra.clear()
+
+    def calc_cond_batch(executor, *args, **kwargs):
+        model_options = args[4] if len(args) > 4 else kwargs["model_options"]
+        timestep = args[3] if len(args) > 3 else kwargs["timestep"]
+        state = run_state(model_options.get("transformer_options", {}), uid)
+        if state is not None:
+            state.begin_step_call(_sigma_of(timestep))
+        return executor(*args, **kwargs)
+
+    key = f"{WRAPPER_PREFIX}.{uid}"
+    model.add_wrapper_with_key(W.OUTER_SAMPLE, key, outer_sample)
+    model.add_wrapper_with_key(W.CALC_COND_BATCH, key, calc_cond_batch)
+    attached = list(model.get_attachment(ATTACHMENT_KEY) or [])
+    model.set_attachments(ATTACHMENT_KEY, attached + [(uid, method)])
+
+
+def new_uid(method: str) -> str:
+    return f"{method}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------------------
+# Token pruning inside UNet transformer blocks: attention patch pairs + FF object patches
+# --------------------------------------------------------------------------------------
+
+Planner = Callable[[torch.Tensor, TokenGrid, RunState], "PrunePlan | None"]
+
+
+@dataclass(frozen=True)
+class BlockPruning:
+    """Which sub-layers of an eligible transformer block run on the kept tokens only."""
+
+    self_attn: bool = True
+    cross_attn: bool = False
+    mlp: bool = False
+    prune_kv: bool = True  # self-attention keys/values shortened too (SiTo); False = queries only (ToMe-like)
+    max_downsample: int = 1  # eligible levels: downsample factor <= this
+
+
+class _BlockPlans(threading.local):
+    """Plans of the block being executed, per thread (multi-GPU runs cond batches in threads)."""
+
+    block: PrunePlan | None = None
+    attn1: PrunePlan | None = None
+    attn2: PrunePlan | None = None
+
+
+def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, record_kind: str = "sito") -> None:
+    """Register the attention patch pairs (and FF object patches) that prune tokens of ``uid``.
+
+    ``planner(n, grid, state)`` sees ``norm1(x)`` of an eligible block and returns a plan or
+    None. The residual stream is never shortened: every patch that shortens a sequence has a
+    partner that restores it before ComfyUI adds the residual.
+    """
+    plans = _BlockPlans()
+
+    def attn1_in(n, context, value, extra):
+        plans.block = plans.attn1 = plans.attn2 = None
+        state = run_state(extra, uid)
+        if state is None or not state.active:
+            return n, context, value
+        try:
+            grid = grid_from_shapes(n.shape[1], extra.get("activations_shape"), extra.get("original_shape"))
+        except ValueError:
+            return n, context, value  # another patch already changed the sequence: leave it alone
+        if downsample_factor(grid, extra.get("original_shape") or [grid.h, grid.w]) > how.max_downsample:
+            return n, context, value
+        plan = planner(n, grid, state)
+        if plan is None:
+            return n, context, value
+        plans.block = plan
+        state.count(grid, plan.n_pruned)
+        if state.step not in state.record.token_maps:
+            state.record.add_map(state.step, grid, plan_codes(plan))
+        if not how.self_attn:
+            return n, context, value
+        plans.attn1 = plan
+        short = plan.prune(n)
+        if how.prune_kv and context is n:
+            # keys and values are the same tokens as the queries (self-attention)
+            return short, short, (short if value is n else value)
+        return short, context, value
+
+    def attn1_out(n, extra):
+        plan, plans.attn1 = plans.attn1, None
+        if plan is None or n.shape[1] != plan.n_kept or n.shape[0] != plan.kept.shape[0]:
+            return n
+        return plan.recover(n)
+
+    model.set_model_attn1_patch(attn1_in)
+    model.set_model_attn1_output_patch(attn1_out)
+
+    if how.cross_attn:
+        def attn2_in(n, context, value, extra):
+            plan = plans.block
+            if plan is None or n.shape[1] != plan.n_tokens or n.shape[0] != plan.kept.shape[0]:
+                return n, context, value
+            plans.attn2 = plan
+            return plan.prune(n), context, value  # queries only: keys/values are the text
+
+        def attn2_out(n, extra):
+            plan, plans.attn2 = plans.attn2, None
+            if plan is None or n.shape[1] != plan.n_kept:
+                return n
+            return plan.recover(n)
+
+        model.set_model_attn2_patch(attn2_in)
+        model.set_model_attn2_output_patch(attn2_out)
+
+    if how.mlp:
+        # The feed-forward has no patch slot; wrap each eligible block's ``ff.forward``.
+        for path in transformer_block_paths(model, how.max_downsample):
+            name = f"diffusion_model.{path}.ff.forward"
+            original = model.get_model_object(name)
+            model.add_object_patch(name, _pruned_ff(original, plans))
+
+
+def _pruned_ff(original, plans: _BlockPlans):
+    def forward(x):
+        plan = plans.block
+        if plan is None or x.dim() != 3 or x.shape[1] != plan.n_tokens or x.shape[0] != plan.kept.shape[0]:
+            return original(x)
+        return plan.recover(original(plan.prune(x)))
+    return forward
+
+
+def plan_codes(plan: PrunePlan) -> torch.Tensor:
+    """Row 0 of a plan as a token map: 0 kept, 1 base, 2 pruned."""
+    codes = torch.zeros(plan.n_tokens, dtype=torch.uint8, device=plan.kept.device)
+    codes[plan.pruned_mask()[0]] = 2
+    if plan.base is not None:
+        codes[plan.base[0]] = 1
+    return codes
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers shared by nodes
+# --------------------------------------------------------------------------------------
+
+def resolve_max_downsample(model, choice: str) -> tuple[int | None, str | None]:
+    """Map the ``max_downsample`` combo to a factor; (None, warning) when the model has no UNet attention."""
+    levels = attention_levels(model)
+    if not levels:
+        return None, (f"{model_class_name(model)} has no UNet transformer blocks (input_blocks with "
+                      f"SpatialTransformer); supported are SD1.x, SD2.x and SDXL UNets")
+    if choice == "auto":
+        return levels[0], None
+    factor = int(choice)
+    if factor < levels[0]:
+        return factor, (f"max_downsample={factor} selects no attention level of {model_class_name(model)}: its "
+                        f"highest-resolution attention is at downsample {levels[0]} (use 'auto')")
+    return factor, None

@@ -1,0 +1,121 @@
+"""Token scoring and selection shared by SiTo and DaTo.
+
+Vocabulary (SiTo, §2.2 of docs/algorithms.md):
+- *base tokens*: one per ``sy × sx`` window of the grid, the window's highest-scoring token.
+  They are never pruned and are the anchors pruned tokens are compared with.
+- *pruned tokens*: the ``K`` non-base tokens most similar (cosine) to their nearest base
+  token. They skip the layer and receive a stand-in's output.
+- *kept tokens*: everything else; base tokens are kept.
+
+All scores are fp32 whatever the model dtype (the official code summed 4096 cosines in fp16,
+where the spacing above 1024 is ≥ 1 and its noise term vanished).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import TokenGrid, window_base_offsets, window_member_offsets
+from .recovery import PrunePlan, plan_from_order
+
+
+def max_prune_ratio(sx: int, sy: int) -> float:
+    """Largest ratio that leaves room for one base token per window: ``1 − 1/(sx·sy)``."""
+    return 1.0 - 1.0 / (sx * sy)
+
+
+def validate_prune_ratio(ratio: float, sx: int, sy: int) -> str | None:
+    """Return a user-facing reason why ``ratio`` cannot be used, or None if it is fine."""
+    if sx < 1 or sy < 1:
+        return f"window sx={sx}, sy={sy}: both sides must be at least 1"
+    if sx * sy < 2 and ratio > 0:
+        return f"window sx={sx}, sy={sy} holds a single token, so every token would be a base token and none can be pruned; use a window of at least 2 tokens"
+    if not 0.0 <= ratio <= 1.0:
+        return f"prune_ratio {ratio} must be between 0 and 1"
+    cap = max_prune_ratio(sx, sy)
+    if ratio > cap + 1e-9:
+        return (f"prune_ratio {ratio:g} is too large for {sx}x{sy} windows: one token per window is a base "
+                f"token and is never pruned, so at most 1 - 1/{sx * sy} = {cap:g} of the tokens can be pruned "
+                f"(use a larger window or a smaller ratio)")
+    return None
+
+
+def pruned_count(ratio: float, n_tokens: int, n_base: int) -> int:
+    """``K = ⌊r·N⌋``, never more than the non-base tokens (odd grids have fewer windows)."""
+    return max(0, min(int(ratio * n_tokens), n_tokens - n_base))
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def similarity_score(xn: torch.Tensor) -> torch.Tensor:
+    """SiTo's SimScore, ``Σ_j cos(x_i, x_j)``, for unit rows ``xn`` ``[B, N, C]`` → ``[B, N]``.
+
+    The sum over ``j`` commutes with the dot product: ``x̂_i · Σ_j x̂_j``. Linear in N — the
+    official code built the N×N matrix, as expensive as the attention it meant to shrink.
+    """
+    return torch.bmm(xn, xn.sum(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1)
+
+
+def select_base_tokens(score: torch.Tensor, grid: TokenGrid, sy: int, sx: int) -> torch.Tensor:
+    """Per window, the flat index of the highest-scoring token: ``[B, N]`` → ``[B, M]``."""
+    b = score.shape[0]
+    wy, wx = grid.windows(sy, sx)
+    s = score.reshape(b, grid.h, grid.w)[:, : wy * sy, : wx * sx]
+    s = s.reshape(b, wy, sy, wx, sx).permute(0, 1, 3, 2, 4).reshape(b, wy * wx, sy * sx)
+    local = s.argmax(dim=-1)  # [B, M] member index inside the window
+    members = window_member_offsets(grid, sy, sx, device=score.device)
+    return window_base_offsets(grid, sy, sx, device=score.device)[None, :] + members[local]
+
+
+def random_base_tokens(batch: int, grid: TokenGrid, sy: int, sx: int, generator: torch.Generator | None,
+                       device) -> torch.Tensor:
+    """One uniformly random base token per window (ToMe-style anchors), ``[B, M]``."""
+    m = grid.window_count(sy, sx)
+    local = torch.randint(0, sy * sx, (batch, m), generator=generator, device=generator.device if generator is not None else device)
+    local = local.to(device)
+    members = window_member_offsets(grid, sy, sx, device=device)
+    return window_base_offsets(grid, sy, sx, device=device)[None, :] + members[local]
+
+
+def plan_by_similarity_to_base(xn: torch.Tensor, base: torch.Tensor, n_pruned: int) -> PrunePlan:
+    """Prune the ``n_pruned`` non-base tokens closest (cosine) to their nearest base token.
+
+    Needs only the N×M similarity to base tokens (M ≈ N/4). The same matrix gives each
+    pruned token its stand-in: the most similar base token. That is the paper's recovery
+    ("copy from the most similar base token"); the released code searched all kept tokens,
+    which costs another K×(N−K) similarity for a stand-in that is almost always a base
+    token anyway at 2×2 windows. See docs/algorithms.md §2.2.
+    """
+    b, n, _ = xn.shape
+    base_xn = xn.gather(1, base.unsqueeze(-1).expand(-1, -1, xn.shape[-1]))
+    sim = torch.bmm(xn, base_xn.transpose(1, 2))  # [B, N, M]
+    best, nearest = sim.max(dim=-1)
+    best.scatter_(1, base, float("-inf"))  # base tokens are never pruned
+    order = best.argsort(dim=1, descending=True)
+    plan = plan_from_order(order, n_pruned, base.gather(1, nearest))
+    plan.base = base
+    return plan
+
+
+def plan_random(batch: int, grid: TokenGrid, n_pruned: int, sy: int, sx: int,
+                generator: torch.Generator | None, device) -> PrunePlan:
+    """Random pruning with no scoring at all: the cost-free baseline ("ceiling") of benchmarks.
+
+    One random base token per window, ``n_pruned`` random non-base tokens pruned, each
+    recovered from the base token of its own window (border tokens from the nearest window).
+    """
+    base = random_base_tokens(batch, grid, sy, sx, generator, device)
+    n = grid.n
+    noise = torch.rand(batch, n, generator=generator, device=generator.device if generator is not None else device).to(device)
+    noise.scatter_(1, base, float("-inf"))
+    order = noise.argsort(dim=1, descending=True)
+    wy, wx = grid.windows(sy, sx)
+    rows = (torch.arange(grid.h, device=device) // sy).clamp(max=wy - 1)
+    cols = (torch.arange(grid.w, device=device) // sx).clamp(max=wx - 1)
+    window_of = (rows[:, None] * wx + cols[None, :]).reshape(-1)
+    stand_in = base.gather(1, window_of.expand(batch, -1))
+    plan = plan_from_order(order, n_pruned, stand_in)
+    plan.base = base
+    return plan

@@ -1,0 +1,55 @@
+"""SiTo — similarity-based token pruning (Zhang et al., AAAI 2025), as pure functions.
+
+Per block call and per batch row (docs/algorithms.md §2.2):
+1. score_i = β·SimScore_i + α·ε_i, SimScore_i = Σ_j cos(x_i, x_j), ε ~ N(0, 1);
+2. base tokens = the per-window argmax of the score;
+3. pruned tokens = the K = ⌊r·N⌋ non-base tokens most similar to their nearest base token;
+4. the layer runs on the kept tokens only; pruned tokens receive their nearest base token's
+   output (see :func:`selection.plan_by_similarity_to_base` for why base-only recovery).
+
+Deviations from the official code, on purpose: fp32 scores; ``(h, w)`` grids of any shape;
+SimScore in O(N·C) instead of an N×N matrix; noise from a seeded per-run generator instead
+of the global RNG; the ratio is validated instead of crashing past 1 − 1/(sx·sy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import TokenGrid
+from .recovery import PrunePlan
+from .selection import (normalized, plan_by_similarity_to_base, pruned_count, select_base_tokens,
+                        similarity_score, validate_prune_ratio)
+
+
+@dataclass(frozen=True)
+class SiToConfig:
+    prune_ratio: float = 0.5
+    sx: int = 2
+    sy: int = 2
+    noise_alpha: float = 0.1
+    sim_beta: float = 1.0
+
+    def problem(self) -> str | None:
+        """A user-facing reason this configuration cannot run, or None."""
+        return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
+
+
+def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
+              generator: torch.Generator | None = None) -> PrunePlan | None:
+    """Plan the pruning of ``x`` ``[B, N, C]`` (N = grid.n); None when nothing would be pruned."""
+    n_base = grid.window_count(cfg.sy, cfg.sx)
+    k = pruned_count(cfg.prune_ratio, grid.n, n_base)
+    if n_base == 0 or k == 0:
+        return None
+    xn = normalized(x)
+    score = similarity_score(xn)
+    if cfg.sim_beta != 1.0:
+        score = score * cfg.sim_beta
+    if cfg.noise_alpha:
+        noise = torch.randn(score.shape, generator=generator,
+                            device=generator.device if generator is not None else score.device)
+        score = score + cfg.noise_alpha * noise.to(score.device)
+    base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
+    return plan_by_similarity_to_base(xn, base, k)

@@ -6,8 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 
 class TokenPruningExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .dato_node import DaToPruneCache
         from .sito_node import SiToTokenPruning
-        return [SiToTokenPruning]
+        return [SiToTokenPruning, DaToPruneCache]
 
 
 async def comfy_entrypoint() -> TokenPruningExtension:

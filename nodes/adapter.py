@@ -425,3 +425,156 @@ def resolve_max_downsample(model, choice: str) -> tuple[int | None, str | None]:
         return factor, (f"max_downsample={factor} selects no attention level of {model_class_name(model)}: its "
                         f"highest-resolution attention is at downsample {levels[0]} (use 'auto')")
     return factor, None
+
+
+# --------------------------------------------------------------------------------------
+# Feature caching across steps (DeepCache-style shallow steps, whole-step reuse)
+# --------------------------------------------------------------------------------------
+#
+# The native UNet ``_forward`` keeps running on every step. We object-patch the ``forward``
+# of every layer inside the deep input/middle/output blocks (an instance attribute, so
+# weight keys — and LoRA — are untouched). On a shallow step of depth d, a layer of a block
+# whose depth rank is >= d does no work: inner layers pass their input through and the
+# block's last layer returns the block output cached on the last full step. ComfyUI's own
+# skip concatenations, ControlNet ``apply_control`` and other packs' block patches still run
+# around them. A reuse step is answered by a DIFFUSION_MODEL wrapper with the chunk's
+# previous prediction, without entering the UNet.
+
+FULL, SHALLOW, REUSE = "full", "shallow", "reuse"
+
+
+class _CallContext(threading.local):
+    """The model call being executed on this thread (set by the DIFFUSION_MODEL wrapper)."""
+
+    state: RunState | None = None
+    chunk: tuple | None = None
+    cond_or_uncond: list | None = None
+    kind: str = FULL
+    depth: int = 0
+    store: bool = False
+    blocks: dict | None = None  # block key -> cached output (read on shallow steps, filled on full steps)
+
+
+_CALL = _CallContext()
+
+
+def current_call() -> _CallContext:
+    return _CALL
+
+
+def unet_block_ranks(model) -> list[tuple[str, int, list[str]]]:
+    """(block key, depth rank, layer paths) for every UNet block a shallow step may skip.
+
+    Input block i has rank i, output block j has rank L−1−j, the middle block ranks deepest.
+    A shallow step of depth d runs blocks of rank < d and reuses the others.
+    """
+    dm = diffusion_model(model)
+    ins, outs = list(getattr(dm, "input_blocks", [])), list(getattr(dm, "output_blocks", []))
+    blocks = []
+    for i, block in enumerate(ins):
+        blocks.append((f"input_blocks.{i}", i, [f"input_blocks.{i}.{k}" for k in range(len(block))]))
+    mid = getattr(dm, "middle_block", None)
+    if mid is not None:
+        blocks.append(("middle_block", 1 << 16, [f"middle_block.{k}" for k in range(len(mid))]))
+    for j, block in enumerate(outs):
+        blocks.append((f"output_blocks.{j}", len(outs) - 1 - j, [f"output_blocks.{j}.{k}" for k in range(len(block))]))
+    return blocks
+
+
+def max_cache_depth(model) -> int:
+    dm = diffusion_model(model)
+    return max(len(getattr(dm, "input_blocks", [])) - 1, 0)
+
+
+def _chunk_key(transformer_options: dict) -> tuple:
+    uuids = transformer_options.get("uuids")
+    if uuids:
+        return tuple(str(u) for u in uuids)
+    return tuple(transformer_options.get("cond_or_uncond") or ())
+
+
+def _transformer_options(args, kwargs) -> dict:
+    to = kwargs.get("transformer_options")
+    if isinstance(to, dict):
+        return to
+    for a in reversed(args):
+        if isinstance(a, dict):
+            return a
+    return {}
+
+
+def _first_tensor(x):
+    # newer ComfyUI may pass a list of tensors (audio+video models); we only cache plain tensors
+    return x if isinstance(x, torch.Tensor) else None
+
+
+def install_step_cache(model, uid: str, step_kind: Callable[[RunState], tuple[str, int]], min_depth: int,
+                       after_call: Callable[[RunState, tuple, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+    """Skip work on shallow/reuse steps of patch ``uid``.
+
+    ``step_kind(state)`` says what the current step is: (FULL, 0), (SHALLOW, d) or (REUSE, 0).
+    ``min_depth`` is the smallest shallow depth the run can use: only blocks of rank >= it are
+    patched and cached. ``after_call(state, chunk, x, eps)`` sees every evaluated prediction.
+    """
+    W = _wrappers()
+
+    def diffusion_wrapper(executor, *args, **kwargs):
+        to = _transformer_options(args, kwargs)
+        state = run_state(to, uid)
+        x = _first_tensor(args[0] if args else kwargs.get("x"))
+        if state is None or x is None:
+            return executor(*args, **kwargs)
+        chunk = _chunk_key(to)
+        caches = state.extra.setdefault("step_cache", {})
+        entry = caches.get(chunk)
+        kind, depth = step_kind(state) if state.active else (FULL, 0)
+        fits = entry is not None and entry["shape"] == tuple(x.shape) and entry["dtype"] == x.dtype
+        if kind == REUSE and fits and entry.get("eps") is not None:
+            state.record.step_kinds.setdefault(state.step, REUSE)
+            return entry["eps"]
+        if kind != FULL and not (fits and entry.get("blocks")):
+            kind, depth = FULL, 0  # nothing cached for this chunk/shape yet: compute it
+        if kind == REUSE:
+            kind, depth = SHALLOW, max(min_depth, 1)
+        state.record.step_kinds.setdefault(state.step, kind)
+        blocks = entry["blocks"] if (kind == SHALLOW) else {}
+        prev = (_CALL.state, _CALL.chunk, _CALL.cond_or_uncond, _CALL.kind, _CALL.depth, _CALL.store)
+        _CALL.state, _CALL.chunk, _CALL.cond_or_uncond = state, chunk, to.get("cond_or_uncond")
+        _CALL.kind, _CALL.depth, _CALL.store = kind, depth, kind == FULL
+        _CALL.blocks = blocks
+        try:
+            eps = executor(*args, **kwargs)
+        finally:
+            stored = _CALL.blocks
+            _CALL.state, _CALL.chunk, _CALL.cond_or_uncond, _CALL.kind, _CALL.depth, _CALL.store = prev
+            _CALL.blocks = {}
+        new_entry = {"shape": tuple(x.shape), "dtype": x.dtype, "eps": eps,
+                     "blocks": stored if kind == FULL else (entry["blocks"] if entry else {})}
+        caches[chunk] = new_entry
+        if after_call is not None:
+            after_call(state, chunk, x, eps)
+        return eps
+
+    model.add_wrapper_with_key(W.DIFFUSION_MODEL, f"{WRAPPER_PREFIX}.{uid}", diffusion_wrapper)
+
+    for block_key, rank, layers in unet_block_ranks(model):
+        if rank < min_depth:
+            continue
+        for k, path in enumerate(layers):
+            name = f"diffusion_model.{path}.forward"
+            original = model.get_model_object(name)
+            model.add_object_patch(name, _cached_layer(original, uid, block_key, rank, k == len(layers) - 1))
+
+
+def _cached_layer(original, uid: str, block_key: str, rank: int, is_last: bool):
+    def forward(*args, **kwargs):
+        c = _CALL
+        if c.state is None or c.state.uid != uid or c.kind == FULL or rank < c.depth:
+            out = original(*args, **kwargs)
+            if is_last and c.store and c.state is not None and c.state.uid == uid:
+                c.blocks[block_key] = out
+            return out
+        if is_last:
+            return c.blocks[block_key]
+        return args[0] if args else next(iter(kwargs.values()))
+    return forward

@@ -1,0 +1,147 @@
+"""SiTo node against the real ComfyUI sampler with tiny random-weight models of the real
+architectures (SD1.5-, SD2-v- and SDXL-like)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tiny_models import build, run_sampler
+from token_pruning_cache.nodes import adapter
+from token_pruning_cache.nodes.sito_node import SiToTokenPruning, apply_sito
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build("sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build("sdxl")
+
+
+def attn1_lengths(patcher):
+    """Record the query length of every self-attention call (forward pre-hooks on attn1)."""
+    seen = []
+    handles = []
+    for name, mod in patcher.model.diffusion_model.named_modules():
+        if name.endswith("attn1"):
+            handles.append(mod.register_forward_pre_hook(lambda m, a, kw, name=name: seen.append((name, a[0].shape[1])),
+                                                         with_kwargs=True))
+    return seen, handles
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_ratio_zero_is_bit_identical(sd15, sampler):
+    ref = run_sampler(sd15, sampler=sampler, steps=3)
+    out = run_sampler(SiToTokenPruning.execute(sd15, prune_ratio=0.0).result[0], sampler=sampler, steps=3)
+    assert torch.equal(out, ref)
+
+
+def test_outside_active_range_is_bit_identical(sd15):
+    ref = run_sampler(sd15, steps=3)
+    m = apply_sito(sd15, prune_ratio=0.5, start_percent=1.0, end_percent=1.0)
+    assert torch.equal(run_sampler(m, steps=3), ref)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_half_ratio_changes_output_but_stays_close(sd15, sampler):
+    ref = run_sampler(sd15, sampler=sampler, steps=3)
+    out = run_sampler(apply_sito(sd15, prune_ratio=0.5), sampler=sampler, steps=3)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert 0 < err < 0.25, err
+
+
+def test_attention_runs_on_kept_tokens_only(sd15):
+    m = apply_sito(sd15, prune_ratio=0.5)
+    seen, handles = attn1_lengths(sd15)
+    try:
+        run_sampler(m, latent_hw=(16, 24), batch=1, steps=1)
+    finally:
+        for h in handles:
+            h.remove()
+    full = 16 * 24
+    top = [n for name, n in seen if n != full // 4]  # level-0 calls (16x24 tokens, pruned)
+    assert top and all(n == full - int(0.5 * full) for n in top), seen[:6]
+
+
+def test_input_model_untouched(sd15):
+    before = {k: v.clone() for k, v in sd15.model.diffusion_model.state_dict().items()}
+    options_before = repr(sd15.model_options)
+    m = apply_sito(sd15, prune_ratio=0.7, prune_cross_attn=True, prune_mlp=True)
+    run_sampler(m, steps=2)
+    assert repr(sd15.model_options) == options_before
+    assert not sd15.object_patches and not sd15.get_attachment(adapter.ATTACHMENT_KEY)
+    after = sd15.model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # the layers' own forwards are back in place after sampling with the object-patched clone
+    for name, mod in sd15.model.diffusion_model.named_modules():
+        if name.endswith(".ff"):
+            assert getattr(mod.forward, "__func__", None) is type(mod).forward
+
+
+@pytest.mark.parametrize("opts", [dict(prune_kv=False), dict(prune_cross_attn=True), dict(prune_mlp=True),
+                                  dict(prune_self_attn=False, prune_mlp=True), dict(sx=3, sy=3, prune_ratio=0.85)])
+def test_variants_sample(sd15, opts):
+    ref = run_sampler(sd15, steps=2)
+    out = run_sampler(apply_sito(sd15, **{"prune_ratio": 0.5, **opts}), steps=2)
+    assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.5
+
+
+def test_sdxl_auto_level_prunes_the_32x32_level(sdxl):
+    ref = run_sampler(sdxl, steps=2, latent_hw=(16, 16))
+    m = apply_sito(sdxl, prune_ratio=0.5)
+    seen, handles = attn1_lengths(sdxl)
+    try:
+        out = run_sampler(m, steps=2, latent_hw=(16, 16))
+    finally:
+        for h in handles:
+            h.remove()
+    assert adapter.attention_levels(sdxl)[0] == 2
+    assert min(n for _, n in seen) < 8 * 8 // 4 + 1 or any(n == 64 - 32 for _, n in seen)
+    assert 0 < rel_err(out, ref) < 0.5
+    zero = run_sampler(apply_sito(sdxl, prune_ratio=0.0), steps=2, latent_hw=(16, 16))
+    assert torch.equal(zero, ref)
+
+
+def test_sd2_v_prediction():
+    m = build("sd2v")
+    ref = run_sampler(m, steps=2)
+    assert torch.equal(run_sampler(apply_sito(m, prune_ratio=0.0), steps=2), ref)
+    out = run_sampler(apply_sito(m, prune_ratio=0.5), steps=2)
+    assert 0 < rel_err(out, ref) < 0.5
+
+
+def test_seed_determinism_and_summary_line(sd15, caplog):
+    m = apply_sito(sd15, prune_ratio=0.5, seed=3)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        a = run_sampler(m, steps=2)
+        b = run_sampler(m, steps=2)
+    assert torch.equal(a, b)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SiTo:")]
+    assert len(lines) == 2 and "active in 2/2 steps" in lines[0] and "tokens pruned" in lines[0]
+
+
+def test_validation_messages():
+    msg = SiToTokenPruning.validate_inputs(prune_ratio=0.8, sx=2, sy=2)
+    assert isinstance(msg, str) and "0.75" in msg
+    assert SiToTokenPruning.validate_inputs(prune_ratio=0.8, sx=3, sy=3) is True
+    assert isinstance(SiToTokenPruning.validate_inputs(prune_ratio=0.5, sx=1, sy=1), str)
+    with pytest.raises(ValueError, match="0.75"):
+        apply_sito(None, prune_ratio=0.9)
+
+
+def test_unsupported_model_passes_through_with_one_warning(caplog):
+    m = build("sd3")
+    with caplog.at_level(logging.WARNING, logger="token_pruning_cache"):
+        out = apply_sito(m, prune_ratio=0.5)
+    assert out is m
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "MMDiT" in warnings[0].getMessage()

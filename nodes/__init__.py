@@ -6,9 +6,10 @@ from comfy_api.latest import ComfyExtension, io
 
 class TokenPruningExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .cat_node import CATPruneCache
         from .dato_node import DaToPruneCache
         from .sito_node import SiToTokenPruning
-        return [SiToTokenPruning, DaToPruneCache]
+        return [SiToTokenPruning, DaToPruneCache, CATPruneCache]
 
 
 async def comfy_entrypoint() -> TokenPruningExtension:

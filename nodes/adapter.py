@@ -578,3 +578,275 @@ def _cached_layer(original, uid: str, block_key: str, rank: int, is_last: bool):
             return c.blocks[block_key]
         return args[0] if args else next(iter(kwargs.values()))
     return forward
+
+
+# --------------------------------------------------------------------------------------
+# CAT Pruning: one token selection per step, recomputed tokens vs cached ones
+# --------------------------------------------------------------------------------------
+#
+# An APPLY_MODEL wrapper (the one hook every model family fires, in every ComfyUI version;
+# SD3 has no DIFFUSION_MODEL wrapper in 0.3.x) publishes the step's selection to the blocks,
+# replaces the prediction of unselected tokens with the previous step's (noise-space reuse,
+# done on the denoised estimate that APPLY_MODEL returns), and makes the next selection from
+# the cond rows. Inside the model:
+# - UNet transformer blocks of the highest-resolution attention level: attention and FF run
+#   on the selected tokens only; self-attention keys/values are the fresh selected tokens
+#   merged into the block's cached ``norm1`` input (the official K/V cache, kept before the
+#   projection), and unselected tokens get their cached attention / FF outputs;
+# - DiT blocks (SD3 MMDiT joint blocks, Flux double and single blocks), through ``dit``
+#   block-replace patches: the block runs on the selected image tokens (and their RoPE rows
+#   on Flux); unselected tokens get the block's cached residual update.
+
+CAT_FULL, CAT_REFERENCE, CAT_CLUSTER, CAT_PRUNED = "full", "reference", "cluster", "pruned"
+
+
+def cat_role(step: int, warmup_steps: int) -> str:
+    """Role of a step: ``warmup_steps`` full steps, the reference step, the clustering step, then pruned."""
+    if step < warmup_steps:
+        return CAT_FULL
+    if step == warmup_steps:
+        return CAT_REFERENCE
+    if step == warmup_steps + 1:
+        return CAT_CLUSTER
+    return CAT_PRUNED
+
+
+class _CatCall(threading.local):
+    uid: str | None = None
+    state: RunState | None = None
+    chunk: tuple | None = None
+    selection: torch.Tensor | None = None  # [S] sorted token indices, None on full steps
+    n_tokens: int = 0  # tokens of the selection's grid (image tokens on DiTs)
+
+
+_CAT = _CatCall()
+
+
+def _cond_rows(batch: int, cond_or_uncond) -> list[int]:
+    """Rows of a model call that belong to cond chunks (all rows when unknown)."""
+    if not cond_or_uncond:
+        return list(range(batch))
+    per = batch // len(cond_or_uncond)
+    rows = [i * per + r for i, c in enumerate(cond_or_uncond) if c == 0 for r in range(per)]
+    return rows
+
+
+def _token_grid_of_latent(h: int, w: int, factor: int) -> TokenGrid:
+    for _ in range(max(factor.bit_length() - 1, 0)):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return TokenGrid(h, w)
+
+
+def _latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> torch.Tensor:
+    """``[1, 1, h, w]`` bool: latent positions covered by selected tokens."""
+    m = torch.zeros(grid.n, dtype=torch.bool, device=selection.device).index_fill_(0, selection, True)
+    m = m.reshape(1, 1, grid.h, grid.w)
+    p, q = -(-h // grid.h), -(-w // grid.w)
+    m = m.repeat_interleave(p, dim=2).repeat_interleave(q, dim=3)
+    return m[:, :, :h, :w]
+
+
+def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], warmup_steps: int,
+                family: str, factor: int = 1) -> None:
+    """Install CAT for ``uid``. ``family`` is "unet", "mmdit" or "flux"; ``factor`` the UNet level.
+
+    ``policy_factory(grid)`` returns a fresh per-run selection policy (``pruning_core.cat.CATState``).
+    """
+    from ..pruning_core.cat import prediction_tokens
+
+    W = _wrappers()
+    token_factor = factor if family == "unet" else 2  # DiTs here patchify 2x2
+
+    def apply_model_wrapper(executor, *args, **kwargs):
+        to = _transformer_options(args, kwargs)
+        state = run_state(to, uid)
+        x = _first_tensor(args[0] if args else kwargs.get("x"))
+        if state is None or x is None or x.dim() != 4:
+            return executor(*args, **kwargs)
+        cat = state.extra.setdefault("cat", {"policy": None, "selections": {}, "previous": {}})
+        grid = _token_grid_of_latent(x.shape[-2], x.shape[-1], token_factor)
+        if cat["policy"] is None or cat["policy"].grid != grid:
+            cat["policy"] = policy_factory(grid)
+            cat["selections"].clear()
+        policy = cat["policy"]
+        chunk = _chunk_key(to)
+        role = cat_role(state.step, warmup_steps)
+        selection = cat["selections"].get(state.step) if (role == CAT_PRUNED and state.active) else None
+        state.record.step_kinds.setdefault(state.step, "pruned" if selection is not None else "full")
+        if selection is not None and state.step not in state.record.token_maps:
+            codes = torch.full((grid.n,), 2, dtype=torch.uint8, device=selection.device)
+            codes[selection] = 0
+            state.record.add_map(state.step, grid, codes)
+        previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens)
+        _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = uid, state, chunk, selection, grid.n
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = previous
+        prev_out = cat["previous"].get(chunk)
+        if selection is not None and prev_out is not None and prev_out.shape == out.shape:
+            out = torch.where(_latent_mask(selection, grid, out.shape[-2], out.shape[-1]), out, prev_out)
+            state.count(grid, grid.n - selection.numel())
+        cat["previous"][chunk] = out
+        rows = _cond_rows(out.shape[0], to.get("cond_or_uncond"))
+        if rows and role != CAT_FULL and state.step + 1 not in cat["selections"]:
+            pred = prediction_tokens(out[rows], grid)
+            if role == CAT_REFERENCE:
+                policy.set_reference(pred, row=None)
+            elif policy.reference is not None:
+                cat["selections"][state.step + 1] = (policy.first_selection(pred, row=None) if role == CAT_CLUSTER
+                                                     else policy.next_selection(pred, row=None))
+        return out
+
+    model.add_wrapper_with_key(W.APPLY_MODEL, f"{WRAPPER_PREFIX}.{uid}", apply_model_wrapper)
+    if family == "unet":
+        _install_cat_unet(model, uid, factor)
+    else:
+        _install_cat_dit(model, uid, family)
+
+
+def _cat_cache(key) -> tuple[dict, torch.Tensor | None] | tuple[None, None]:
+    """This call's cache dict for ``key`` and the selection (None on full steps)."""
+    if _CAT.state is None:
+        return None, None
+    caches = _CAT.state.extra.setdefault("cat_cache", {})
+    return caches.setdefault((_CAT.chunk, key), {}), _CAT.selection
+
+
+def _merge_or_store(cache: dict, slot: str, out: torch.Tensor, selection, n_tokens: int) -> torch.Tensor:
+    """Full step: remember ``out``. Pruned step: put ``out`` (selected rows) into the cached full tensor."""
+    if selection is None or out.shape[1] == n_tokens:
+        cache[slot] = out
+        return out
+    full = cache[slot].index_copy(1, selection, out.to(cache[slot].dtype))
+    cache[slot] = full
+    return full
+
+
+def _cat_ready(cache: dict, n: torch.Tensor, selection, slots: tuple[str, ...]) -> bool:
+    if selection is None or n.dim() != 3 or n.shape[1] != _CAT.n_tokens:
+        return False
+    return all(s in cache and cache[s].shape[0] == n.shape[0] and cache[s].shape[1] == n.shape[1] for s in slots)
+
+
+def _install_cat_unet(model, uid: str, factor: int) -> None:
+    pending = _BlockPlans()  # reuse the per-thread slots: attn1 = the selection for this block call
+
+    def key(extra, name):
+        return (name, tuple(extra.get("block") or ()), extra.get("block_index", 0))
+
+    def attn1_in(n, context, value, extra):
+        pending.attn1 = None
+        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens:
+            return n, context, value
+        cache, selection = _cat_cache(key(extra, "attn1"))
+        pending.attn1 = (cache, selection if _cat_ready(cache, n, selection, ("kv", "out")) else None)
+        sel = pending.attn1[1]
+        if sel is None:
+            if context is n:
+                cache["kv"] = n
+            return n, context, value
+        q = n.index_select(1, sel)
+        if context is not n:  # someone else changed K/V: leave them alone, prune the queries only
+            return q, context, value
+        kv = cache["kv"].index_copy(1, sel, q.to(cache["kv"].dtype))
+        cache["kv"] = kv
+        return q, kv, kv
+
+    def attn1_out(n, extra):
+        slot, pending.attn1 = pending.attn1, None
+        if slot is None:
+            return n
+        cache, sel = slot
+        return _merge_or_store(cache, "out", n, sel, _CAT.n_tokens)
+
+    def attn2_in(n, context, value, extra):
+        pending.attn2 = None
+        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens:
+            return n, context, value
+        cache, selection = _cat_cache(key(extra, "attn2"))
+        sel = selection if _cat_ready(cache, n, selection, ("out",)) else None
+        pending.attn2 = (cache, sel)
+        return (n if sel is None else n.index_select(1, sel)), context, value
+
+    def attn2_out(n, extra):
+        slot, pending.attn2 = pending.attn2, None
+        if slot is None:
+            return n
+        cache, sel = slot
+        return _merge_or_store(cache, "out", n, sel, _CAT.n_tokens)
+
+    model.set_model_attn1_patch(attn1_in)
+    model.set_model_attn1_output_patch(attn1_out)
+    model.set_model_attn2_patch(attn2_in)
+    model.set_model_attn2_output_patch(attn2_out)
+    for path in transformer_block_paths(model, factor):
+        name = f"diffusion_model.{path}.ff.forward"
+        model.add_object_patch(name, _cat_ff(model.get_model_object(name), uid, path))
+
+
+def _cat_ff(original, uid: str, path: str):
+    def forward(x):
+        if _CAT.uid != uid or x.dim() != 3 or x.shape[1] != _CAT.n_tokens:
+            return original(x)
+        cache, selection = _cat_cache(("ff", path))
+        sel = selection if _cat_ready(cache, x, selection, ("out",)) else None
+        out = original(x if sel is None else x.index_select(1, sel))
+        return _merge_or_store(cache, "out", out, sel, _CAT.n_tokens)
+    return forward
+
+
+def dit_family(model) -> str | None:
+    dm = diffusion_model(model)
+    if hasattr(dm, "joint_blocks"):
+        return "mmdit"
+    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):
+        return "flux"
+    return None
+
+
+def _install_cat_dit(model, uid: str, family: str) -> None:
+    dm = diffusion_model(model)
+    if family == "mmdit":
+        blocks = [("double_block", i) for i in range(len(dm.joint_blocks))]
+    else:
+        blocks = ([("double_block", i) for i in range(len(dm.double_blocks))]
+                  + [("single_block", i) for i in range(len(dm.single_blocks))])
+    for kind, i in blocks:
+        model.set_model_patch_replace(_cat_dit_block(uid, (kind, i)), "dit", kind, i)
+
+
+def _cat_dit_block(uid: str, block_key):
+    def block(args, extra):
+        original = extra["original_block"]
+        if _CAT.uid != uid or _CAT.state is None:
+            return original(args)
+        img = args["img"]
+        n_img = _CAT.n_tokens
+        offset = img.shape[1] - n_img  # Flux single blocks see cat(txt, img)
+        cache, selection = _cat_cache(("dit",) + tuple(block_key))
+        if offset < 0 or (offset > 0 and "txt" in args) or args.get("attn_mask") is not None:
+            return original(args)
+        ready = selection is not None and "delta" in cache and cache["delta"].shape == img[:, offset:].shape
+        if not ready:
+            out = original(args)
+            cache["delta"] = out["img"][:, offset:] - img[:, offset:]
+            return out
+        index = torch.cat([torch.arange(offset, device=selection.device), selection + offset])
+        short = dict(args)
+        short["img"] = img.index_select(1, index)
+        pe = args.get("pe")
+        if isinstance(pe, torch.Tensor):  # Flux RoPE rows, [B, 1, txt + img, ...]: keep text + selected image rows
+            text = pe.shape[2] - n_img
+            short["pe"] = pe.index_select(2, torch.cat([torch.arange(text, device=pe.device), selection + text]))
+        out = original(short)
+        new_img = out["img"]
+        fresh = new_img[:, offset:]
+        cache["delta"] = cache["delta"].index_copy(1, selection, (fresh - short["img"][:, offset:]).to(cache["delta"].dtype))
+        # unselected tokens: their input plus the block's cached update; selected: the fresh output itself
+        image = (img[:, offset:] + cache["delta"].to(img.dtype)).index_copy(1, selection, fresh)
+        full = image if not offset else torch.cat([new_img[:, :offset], image], dim=1)
+        result = dict(out)
+        result["img"] = full
+        return result
+    return block

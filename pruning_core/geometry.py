@@ -58,11 +58,11 @@ def grid_from_shapes(n_tokens: int, activations_shape=None, original_shape=None)
 
 def downsample_factor(grid: TokenGrid, original_shape) -> int:
     """Power-of-two factor between the latent and this grid (1 = full latent resolution)."""
-    h0 = int(original_shape[-2])
+    h, w = int(original_shape[-2]), int(original_shape[-1])
     f = 1
-    h = h0
-    while h > grid.h and f < 1 << 8:
-        h = (h + 1) // 2
+    # both sides: a side of 1 (or 2) stops shrinking, so height alone misreads 1×N latents
+    while (h > grid.h or w > grid.w) and f < 1 << 8:
+        h, w = (h + 1) // 2, (w + 1) // 2
         f *= 2
     return f
 

@@ -42,7 +42,8 @@ def validate_prune_ratio(ratio: float, sx: int, sy: int) -> str | None:
 
 def pruned_count(ratio: float, n_tokens: int, n_base: int) -> int:
     """``K = ⌊r·N⌋``, never more than the non-base tokens (odd grids have fewer windows)."""
-    return max(0, min(int(ratio * n_tokens), n_tokens - n_base))
+    # + 1e-6: 0.29·100 is 28.999… in floating point, and ⌊0.29·100⌋ is 29
+    return max(0, min(int(ratio * n_tokens + 1e-6), n_tokens - n_base))
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
@@ -108,6 +109,12 @@ def plan_random(batch: int, grid: TokenGrid, n_pruned: int, sy: int, sx: int,
     """
     base = random_base_tokens(batch, grid, sy, sx, generator, device)
     n = grid.n
+    if base.shape[1] == 0:  # grid smaller than one window: no base token can stand in, prune nothing
+        everything = torch.arange(n, device=device).expand(batch, -1)
+        plan = plan_from_order(everything, 0, everything)
+        plan.base = base
+        return plan
+    n_pruned = min(n_pruned, n - base.shape[1])  # base tokens are never pruned
     noise = torch.rand(batch, n, generator=generator, device=generator.device if generator is not None else device).to(device)
     noise.scatter_(1, base, float("-inf"))
     order = noise.argsort(dim=1, descending=True)

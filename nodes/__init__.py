@@ -8,8 +8,9 @@ class TokenPruningExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .cat_node import CATPruneCache
         from .dato_node import DaToPruneCache
+        from .preview_node import TokenPruningPreview
         from .sito_node import SiToTokenPruning
-        return [SiToTokenPruning, DaToPruneCache, CATPruneCache]
+        return [SiToTokenPruning, DaToPruneCache, CATPruneCache, TokenPruningPreview]
 
 
 async def comfy_entrypoint() -> TokenPruningExtension:

@@ -10,7 +10,8 @@ cd "$root"
 PY="${PYTHON:-python3}"
 venv="$root/.venv"
 comfy="$root/.comfyui"
-stamp="$venv/.deps-ok-v1"
+# The stamp names the requirements it was made from: editing them re-runs the install.
+stamp="$venv/.deps-$(cat "$root/scripts/requirements-runtime.txt" "$0" | sha1sum | cut -c1-12)"
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"

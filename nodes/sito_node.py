@@ -16,8 +16,9 @@ CATEGORY = "model_patches/token_pruning"
 DOWNSAMPLE_CHOICES = ["auto", "1", "2", "4"]
 
 
-def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.0, end_percent: float = 1.0) -> str | None:
-    problem = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy).problem()
+def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.0, end_percent: float = 1.0,
+                 similarity_search: str = "local") -> str | None:
+    problem = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, search=similarity_search).problem()
     if problem is None and not 0.0 <= start_percent <= end_percent <= 1.0:
         problem = f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1"
     return problem
@@ -25,9 +26,9 @@ def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.
 
 def apply_sito(model, *, prune_ratio=0.5, max_downsample="auto", prune_self_attn=True, prune_cross_attn=False,
                prune_mlp=False, prune_kv=True, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, start_percent=0.0,
-               end_percent=1.0, seed=0):
+               end_percent=1.0, seed=0, similarity_search="local"):
     """Return a clone of ``model`` with SiTo installed (the input model is never modified)."""
-    problem = sito_problem(prune_ratio, sx, sy, start_percent, end_percent)
+    problem = sito_problem(prune_ratio, sx, sy, start_percent, end_percent, similarity_search)
     if problem:
         raise ValueError(f"SiTo Token Pruning: {problem}")
     factor, warning = adapter.resolve_max_downsample(model, str(max_downsample))
@@ -39,7 +40,8 @@ def apply_sito(model, *, prune_ratio=0.5, max_downsample="auto", prune_self_attn
     m = model.clone()
     if prune_ratio <= 0 or not (prune_self_attn or prune_cross_attn or prune_mlp):
         return m
-    cfg = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, noise_alpha=noise_alpha, sim_beta=sim_beta)
+    cfg = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, noise_alpha=noise_alpha, sim_beta=sim_beta,
+                     search=similarity_search)
     uid = adapter.new_uid("sito")
     layers = "+".join(n for n, on in (("attn1" + ("" if prune_kv else "(q only)"), prune_self_attn),
                                       ("attn2", prune_cross_attn), ("mlp", prune_mlp)) if on)
@@ -94,6 +96,10 @@ class SiToTokenPruning(io.ComfyNode):
                       tooltip="Weight of the Gaussian noise added to the similarity score when choosing base tokens (tie-breaker)."),
                 build(io.Float.Input, id="sim_beta", default=1.0, min=0.0, max=10.0, step=0.05,
                       tooltip="Weight of the similarity score (sum of cosine similarities) when choosing base tokens."),
+                build(io.Combo.Input, id="similarity_search", options=["local", "global"], default="local",
+                      tooltip="Where a token looks for its most similar base token. local = the 3x3 surrounding "
+                              "windows (fast); global = every base token, as the official code (costs an N x N/4 "
+                              "similarity per block, as much as the attention it saves)."),
                 build(io.Float.Input, id="start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                       tooltip="Start pruning at this point of the denoising schedule (0 = first step)."),
                 build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -111,9 +117,9 @@ class SiToTokenPruning(io.ComfyNode):
     @classmethod
     def execute(cls, model, prune_ratio=0.5, max_downsample="auto", prune_self_attn=True, prune_cross_attn=False,
                 prune_mlp=False, prune_kv=True, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, start_percent=0.0,
-                end_percent=1.0, seed=0) -> io.NodeOutput:
+                end_percent=1.0, seed=0, similarity_search="local") -> io.NodeOutput:
         return io.NodeOutput(apply_sito(model, prune_ratio=prune_ratio, max_downsample=max_downsample,
                                         prune_self_attn=prune_self_attn, prune_cross_attn=prune_cross_attn,
                                         prune_mlp=prune_mlp, prune_kv=prune_kv, sx=sx, sy=sy, noise_alpha=noise_alpha,
                                         sim_beta=sim_beta, start_percent=start_percent, end_percent=end_percent,
-                                        seed=seed))
+                                        seed=seed, similarity_search=similarity_search))

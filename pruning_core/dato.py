@@ -23,8 +23,8 @@ import torch
 
 from .geometry import TokenGrid, resize_token_map
 from .recovery import PrunePlan
-from .selection import (normalized, plan_by_similarity_to_base, pruned_count, random_base_tokens,
-                        select_base_tokens, validate_prune_ratio)
+from .selection import normalized, pruned_count, random_base_tokens, select_base_tokens, validate_prune_ratio
+from .sito import plan_for_base
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class DaToConfig:
     noise_alpha: float = 0.1  # α
     align_cfg: bool = False  # cond rows use the uncond rows' base tokens
     sign_flip: bool = False  # official random sign of γ per block call
+    search: str = "local"  # base-token neighbourhood searched for stand-ins (see sito.plan_for_base)
 
     def problem(self) -> str | None:
         return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
@@ -87,4 +88,4 @@ def dato_plan(x: torch.Tensor, grid: TokenGrid, cfg: DaToConfig, dynamics: torch
         base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
     if cfg.align_cfg:
         base = align_rows(base, cond_or_uncond)
-    return plan_by_similarity_to_base(normalized(x), base, k)
+    return plan_for_base(normalized(x), base, grid, cfg.sy, cfg.sx, k, cfg.search)

@@ -7,6 +7,10 @@ Per block call and per batch row (docs/algorithms.md §2.2):
 4. the layer runs on the kept tokens only; pruned tokens receive their nearest base token's
    output (see :func:`selection.plan_by_similarity_to_base` for why base-only recovery).
 
+By default step 3 compares each token with the base tokens of the surrounding 3×3 windows
+only (``search="local"``, :func:`selection.plan_by_local_similarity`); ``"global"`` compares
+with all base tokens as the official code does, at the price of an N×(N/4) similarity.
+
 Deviations from the official code, on purpose: fp32 scores; ``(h, w)`` grids of any shape;
 SimScore in O(N·C) instead of an N×N matrix; noise from a seeded per-run generator instead
 of the global RNG; the ratio is validated instead of crashing past 1 − 1/(sx·sy).
@@ -19,8 +23,10 @@ import torch
 
 from .geometry import TokenGrid
 from .recovery import PrunePlan
-from .selection import (normalized, plan_by_similarity_to_base, pruned_count, select_base_tokens,
-                        similarity_score, validate_prune_ratio)
+from .selection import (normalized, plan_by_local_similarity, plan_by_similarity_to_base, pruned_count,
+                        select_base_tokens, similarity_score, validate_prune_ratio)
+
+SEARCHES = ("local", "global")
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,12 @@ class SiToConfig:
     sy: int = 2
     noise_alpha: float = 0.1
     sim_beta: float = 1.0
+    search: str = "local"  # where pruned tokens look for their most similar base token
 
     def problem(self) -> str | None:
         """A user-facing reason this configuration cannot run, or None."""
+        if self.search not in SEARCHES:
+            return f"similarity search {self.search!r} must be one of {', '.join(SEARCHES)}"
         return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
 
 
@@ -52,4 +61,12 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
                             device=generator.device if generator is not None else score.device)
         score = score + cfg.noise_alpha * noise.to(score.device)
     base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
-    return plan_by_similarity_to_base(xn, base, k)
+    return plan_for_base(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search)
+
+
+def plan_for_base(xn, base, grid: TokenGrid, sy: int, sx: int, k: int, search: str) -> PrunePlan:
+    """Pruned tokens and stand-ins for given base tokens: all M base tokens ("global", as the
+    official code) or those of the 3×3 surrounding windows ("local", O(N) — the default)."""
+    if search == "global":
+        return plan_by_similarity_to_base(xn, base, k)
+    return plan_by_local_similarity(xn, base, grid, sy, sx, k)

@@ -44,19 +44,28 @@ def check_plan(plan, x, grid, cfg):
         is_base = torch.zeros(grid.n, dtype=torch.bool)
         is_base[plan.base[r]] = True
         assert is_base[src[r, mask[r]]].all(), "a stand-in is not a base token"
-        # stand-in = most similar base token (brute force N×M, float64)
+        # stand-in = most similar candidate base token (brute force, float64): every base token
+        # for the global search, those of the 3×3 windows around the token's own for the local one
         xd = x[r].double()
         xd = xd / xd.norm(dim=-1, keepdim=True)
-        best = (xd @ xd[plan.base[r]].T).max(1).values
+        sims = xd @ xd[plan.base[r]].T  # [N, M], base tokens in window order
+        if cfg.search == "local":
+            ty = (torch.arange(grid.h)[:, None] // cfg.sy).clamp(max=wy - 1).expand(grid.h, grid.w).reshape(-1)
+            tx = (torch.arange(grid.w)[None, :] // cfg.sx).clamp(max=wx - 1).expand(grid.h, grid.w).reshape(-1)
+            by, bx = torch.arange(m) // wx, torch.arange(m) % wx
+            near = ((ty[:, None] - by[None, :]).abs() <= 1) & ((tx[:, None] - bx[None, :]).abs() <= 1)
+            sims = sims.masked_fill(~near, float("-inf"))
+        best = sims.max(1).values
         assert ((xd * xd[src[r]]).sum(-1)[mask[r]] >= best[mask[r]] - 1e-4).all()
     return mask
 
 
 @pytest.mark.parametrize("h,w", [(8, 8), (64, 96), (65, 97), (17, 13), (3, 2), (2, 9)])
 @pytest.mark.parametrize("ratio,sy,sx", [(0.5, 2, 2), (0.75, 2, 2), (0.3, 2, 3), (0.8, 3, 3)])
-def test_plan_is_valid_on_any_grid(h, w, ratio, sy, sx):
+@pytest.mark.parametrize("search", ["local", "global"])
+def test_plan_is_valid_on_any_grid(h, w, ratio, sy, sx, search):
     grid = TokenGrid(h, w)
-    cfg = SiToConfig(prune_ratio=ratio, sx=sx, sy=sy)
+    cfg = SiToConfig(prune_ratio=ratio, sx=sx, sy=sy, search=search)
     assert cfg.problem() is None
     x = features(2, grid)
     plan = sito_plan(x, grid, cfg, torch.Generator().manual_seed(0))
@@ -173,3 +182,19 @@ def test_prune_identity_recover_reproduces_kept_tokens():
     src = effective_source(plan)
     for r in range(2):
         assert torch.equal(out[r, mask[r]], x[r, src[r, mask[r]]])
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (17, 13), (65, 97)])
+def test_local_search_with_a_wide_radius_is_the_global_search(h, w):
+    from token_pruning_cache.pruning_core.selection import (normalized, plan_by_local_similarity,
+                                                            plan_by_similarity_to_base, select_base_tokens,
+                                                            similarity_score)
+    grid = TokenGrid(h, w)
+    x = features(2, grid, seed=h + w)
+    xn = normalized(x)
+    base = select_base_tokens(similarity_score(xn), grid, 2, 2)
+    k = pruned_count(0.5, grid.n, grid.window_count(2, 2))
+    wide = plan_by_local_similarity(xn, base, grid, 2, 2, k, radius=max(h, w))
+    full = plan_by_similarity_to_base(xn, base, k)
+    assert torch.equal(wide.pruned_mask(), full.pruned_mask())
+    assert torch.equal(wide.recover(wide.prune(x)), full.recover(full.prune(x)))

@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Regenerate the shipped UI-format workflows in ``workflows/`` from compact specs.
+
+The node sockets, outputs and widget order come from the live embedded server's
+``/object_info``, so the files match what the ComfyUI frontend itself would save. Run after
+changing a node's inputs: ``.venv/bin/python scripts/make_workflows.py``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from comfy_server import ComfyServer  # noqa: E402
+from workflow_convert import widget_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+POSITIVE = "a lighthouse on a rocky coast at sunset, dramatic clouds, highly detailed photograph"
+NEGATIVE = "blurry, low quality, watermark"
+
+
+class Graph:
+    def __init__(self, info: dict):
+        self.info, self.nodes, self.links = info, [], []
+
+    def add(self, type_: str, widgets: dict | None = None, pos=(0, 0), size=(320, 200), title: str | None = None) -> int:
+        widgets = dict(widgets or {})
+        nid = len(self.nodes) + 1
+        node = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1,
+                "mode": 0, "inputs": [], "outputs": [], "properties": {"Node name for S&R": type_}}
+        if title:
+            node["title"] = title
+        if type_ in ("Note", "MarkdownNote"):
+            node["widgets_values"] = [widgets["text"]]
+            node["properties"] = {}
+            self.nodes.append(node)
+            return nid
+        d = self.info[type_]
+        values = []
+        for name, opts in widget_inputs(d):
+            spec = {**d["input"].get("required", {}), **d["input"].get("optional", {})}[name]
+            default = opts.get("default", spec[0][0] if isinstance(spec[0], list) and spec[0] else None)
+            values.append(widgets.pop(name, default))
+            if opts.get("control_after_generate"):
+                values.append("fixed")
+        if widgets:
+            raise KeyError(f"{type_} has no widget(s) {sorted(widgets)}")
+        node["widgets_values"] = values
+        widget_names = {n for n, _ in widget_inputs(d)}
+        for section in ("required", "optional"):
+            for name in (d.get("input_order") or {}).get(section, []):
+                if name not in widget_names:
+                    node["inputs"].append({"name": name, "type": d["input"][section][name][0], "link": None})
+        for i, (t, n) in enumerate(zip(d["output"], d["output_name"])):
+            node["outputs"].append({"name": n, "type": t, "links": [], "slot_index": i})
+        self.nodes.append(node)
+        return nid
+
+    def link(self, src: int, out_slot: int, dst: int, input_name: str) -> None:
+        lid = len(self.links) + 1
+        s, t = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = next(i for i, inp in enumerate(t["inputs"]) if inp["name"] == input_name)
+        typ = s["outputs"][out_slot]["type"]
+        self.links.append([lid, src, out_slot, dst, slot, typ])
+        s["outputs"][out_slot]["links"].append(lid)
+        t["inputs"][slot]["link"] = lid
+
+    def ui(self) -> dict:
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                "version": 0.4}
+
+
+def txt2img(g: Graph, ckpt: str, size: int, steps: int, patch: tuple[str, dict] | None, prefix: str,
+            cfg: float = 7.5, y: int = 0, shared: dict | None = None, preview: bool = False) -> dict:
+    """Loader → (patch) → KSampler → VAE decode → SaveImage; returns the node ids.
+
+    ``shared`` (ids of an earlier call) reuses its loader and prompts for a second pipeline."""
+    if shared is None:
+        ids = {"ckpt": g.add("CheckpointLoaderSimple", {"ckpt_name": ckpt}, pos=(0, y), size=(320, 100))}
+        ids["pos"] = g.add("CLIPTextEncode", {"text": POSITIVE}, pos=(360, y + 160), size=(400, 160))
+        ids["neg"] = g.add("CLIPTextEncode", {"text": NEGATIVE}, pos=(360, y + 360), size=(400, 160))
+        g.link(ids["ckpt"], 1, ids["pos"], "clip")
+        g.link(ids["ckpt"], 1, ids["neg"], "clip")
+    else:
+        ids = {k: shared[k] for k in ("ckpt", "pos", "neg")}
+    model = (ids["ckpt"], 0)
+    if patch is not None:
+        ids["patch"] = g.add(patch[0], patch[1], pos=(360, y), size=(340, 120))
+        g.link(*model, ids["patch"], "model")
+        model = (ids["patch"], 0)
+    ids["latent"] = g.add("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(360, y + 560),
+                          size=(320, 110))
+    ids["sampler"] = g.add("KSampler", {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "euler",
+                                        "scheduler": "normal", "denoise": 1.0}, pos=(800, y), size=(320, 270))
+    g.link(*model, ids["sampler"], "model")
+    g.link(ids["pos"], 0, ids["sampler"], "positive")
+    g.link(ids["neg"], 0, ids["sampler"], "negative")
+    g.link(ids["latent"], 0, ids["sampler"], "latent_image")
+    ids["decode"] = g.add("VAEDecode", {}, pos=(1160, y), size=(220, 50))
+    g.link(ids["sampler"], 0, ids["decode"], "samples")
+    g.link(ids["ckpt"], 2, ids["decode"], "vae")
+    ids["save"] = g.add("SaveImage", {"filename_prefix": prefix}, pos=(1420, y), size=(320, 320))
+    g.link(ids["decode"], 0, ids["save"], "images")
+    if preview and patch is not None:
+        ids["preview"] = g.add("TokenPruningPreview", {"panels": 6}, pos=(1160, y + 380), size=(300, 100))
+        g.link(ids["patch"], 0, ids["preview"], "model")
+        g.link(ids["sampler"], 0, ids["preview"], "samples")
+        ids["preview_save"] = g.add("SaveImage", {"filename_prefix": prefix + "_preview"}, pos=(1420, y + 380),
+                                    size=(320, 320))
+        g.link(ids["preview"], 0, ids["preview_save"], "images")
+    return ids
+
+
+SITO = ("SiToTokenPruning", {"prune_ratio": 0.5})
+DATO = ("DaToPruneCache", {"prune_ratio": 0.4, "schedule": "dato_official"})
+CAT = ("CATPruneCache", {"keep_ratio": 0.3, "warmup_steps": 6})
+
+NOTES = {
+    "sito": ("SiTo Token Pruning (AAAI 2025). prune_ratio 0.5 = half of the tokens in the highest-resolution "
+             "transformer blocks skip self-attention and borrow the result of their most similar base token. "
+             "0 turns it off (bit-identical output); at most 0.75 with 2x2 windows. max_downsample auto picks the "
+             "highest-resolution level that has attention (SDXL: the 32x32 level). prune_kv off = queries only "
+             "(more faithful, slower). The preview node shows base (green), kept (grey) and pruned (red) tokens."),
+    "dato": ("DaTo Prune + Cache (arXiv 2501.00375). schedule dato_official = the paper's final schedule "
+             "(5 full / 20 shallow / 25 reused steps at 50 steps), resampled to your step count; it is made for "
+             "50 steps, use fewer only with deepcache_5/pruning_only. prune_ratio 0.4 prunes self-attention tokens "
+             "whose prediction changed least. custom_schedule e.g. 'F S1x4 F R S1x3' overrides the preset."),
+    "cat": ("CAT Pruning (arXiv 2502.00433). After warmup_steps full steps, a reference step and a clustering "
+            "step, each step recomputes only keep_ratio (0.3) of the tokens: the most-changed clusters plus the "
+            "stalest tokens; the rest reuse cached features and their previous prediction. Needs enough steps: "
+            "with the default warm-up, pruning starts at step 8 (28-50 steps recommended)."),
+    "hires": ("Two-pass hires fix with SiTo: the same patched model samples at 512, the latent is upscaled 1.5x "
+              "and sampled again at 768 with denoise 0.5. SiTo keeps no state between the passes, so the second "
+              "pass works at its own resolution."),
+    "side": ("Side by side: the same seed sampled with the unpatched model (top) and with SiTo (bottom); both "
+             "images are saved (prefixes 'unpatched' and 'sito') so you can compare them."),
+}
+
+
+def build_all(info: dict) -> dict[str, dict]:
+    out = {}
+
+    def simple(name, ckpt, size, steps, patch, note, preview=False):
+        g = Graph(info)
+        txt2img(g, ckpt, size, steps, patch, name, preview=preview)
+        g.add("Note", {"text": NOTES[note]}, pos=(0, 160), size=(320, 260))
+        out[name] = g.ui()
+
+    simple("sd15_sito", SD15, 512, 20, SITO, "sito", preview=True)
+    simple("sd15_dato", SD15, 512, 50, DATO, "dato", preview=True)
+    simple("sd15_cat", SD15, 512, 28, CAT, "cat", preview=True)
+    simple("sdxl_sito", SDXL, 1024, 25, SITO, "sito")
+    simple("sdxl_dato", SDXL, 1024, 50, DATO, "dato", preview=True)
+    simple("sdxl_cat", SDXL, 1024, 28, CAT, "cat", preview=True)
+
+    g = Graph(info)
+    ids = txt2img(g, SD15, 512, 20, SITO, "sd15_hires_sito_base")
+    up = g.add("LatentUpscaleBy", {"upscale_method": "bislerp", "scale_by": 1.5}, pos=(1160, 420), size=(300, 90))
+    g.link(ids["sampler"], 0, up, "samples")
+    s2 = g.add("KSampler", {"seed": 42, "steps": 15, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+                            "denoise": 0.5}, pos=(1500, 420), size=(320, 270))
+    g.link(ids["patch"], 0, s2, "model")
+    g.link(ids["pos"], 0, s2, "positive")
+    g.link(ids["neg"], 0, s2, "negative")
+    g.link(up, 0, s2, "latent_image")
+    dec = g.add("VAEDecode", {}, pos=(1860, 420), size=(220, 50))
+    g.link(s2, 0, dec, "samples")
+    g.link(ids["ckpt"], 2, dec, "vae")
+    sv = g.add("SaveImage", {"filename_prefix": "sd15_hires_sito"}, pos=(2100, 420), size=(320, 320))
+    g.link(dec, 0, sv, "images")
+    g.add("Note", {"text": NOTES["hires"]}, pos=(0, 160), size=(320, 200))
+    out["sd15_hires_sito"] = g.ui()
+
+    g = Graph(info)
+    ids = txt2img(g, SD15, 512, 20, None, "unpatched")
+    txt2img(g, SD15, 512, 20, SITO, "sito", y=700, shared=ids)  # same loader, prompts and VAE
+    g.add("Note", {"text": NOTES["side"]}, pos=(0, 160), size=(320, 200))
+    out["sd15_side_by_side_sito"] = g.ui()
+    return out
+
+
+def main() -> int:
+    with ComfyServer() as server:
+        info = server.object_info()
+    folder = ROOT / "workflows"
+    folder.mkdir(exist_ok=True)
+    for name, ui in build_all(info).items():
+        (folder / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        print("wrote", folder / f"{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

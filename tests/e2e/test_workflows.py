@@ -1,0 +1,98 @@
+"""End to end on the real embedded ComfyUI server: our nodes are registered, every shipped
+UI-format workflow converts (through the live /object_info) and runs on generated
+random-weight checkpoints, and bad settings are refused at validation time."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from comfy_server import ComfyServer, ComfyServerError
+from make_checkpoint import make_checkpoint
+from workflow_convert import load, to_api
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+OUR_NODES = ("SiToTokenPruning", "DaToPruneCache", "CATPruneCache", "TokenPruningPreview")
+CKPTS = {"sd15": "tpc_sd15_reduced.safetensors", "sdxl": "tpc_sdxl_reduced.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def server(comfy_dir):
+    folder = comfy_dir / "models" / "checkpoints"
+    for arch, name in CKPTS.items():
+        make_checkpoint(folder / name, arch=arch, reduced=True, seed=0)
+    with ComfyServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+def shrink(prompt: dict, arch: str) -> dict:
+    """Run a shipped workflow as CI can afford: generated checkpoint, 64 px, at most 10 steps."""
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPTS[arch]
+        elif kind == "EmptyLatentImage":
+            inputs["width"] = inputs["height"] = 64
+        elif kind == "KSampler":
+            inputs["steps"] = min(inputs["steps"], 10)
+        elif kind == "CATPruneCache":
+            inputs["warmup_steps"] = min(inputs["warmup_steps"], 2)  # so that 10 steps include pruned ones
+    return prompt
+
+
+def test_object_info_lists_our_nodes_with_tooltips(object_info):
+    for name in OUR_NODES:
+        assert name in object_info, name
+        node = object_info[name]
+        assert node["category"] == "model_patches/token_pruning"
+        for section in node["input"].values():
+            for input_name, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+
+
+def test_all_expected_workflows_are_shipped():
+    names = {p.stem for p in WORKFLOWS}
+    for expected in ("sd15_sito", "sd15_dato", "sd15_cat", "sdxl_sito", "sd15_hires_sito", "sd15_side_by_side_sito"):
+        assert expected in names
+    for p in WORKFLOWS:
+        ui = json.loads(p.read_text())
+        assert any(n["type"] in ("Note", "MarkdownNote") for n in ui["nodes"]), f"{p.name} has no Note node"
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem.startswith("sdxl") else p
+                                  for p in WORKFLOWS], ids=[p.stem for p in WORKFLOWS])
+def test_shipped_workflow_runs(server, object_info, path):
+    ui = load(path)
+    prompt = shrink(to_api(ui, object_info), "sdxl" if path.stem.startswith("sdxl") else "sd15")
+    assert any(n["class_type"] in OUR_NODES for n in prompt.values())
+    entry = server.run(prompt, timeout=900)
+    images = server.images(entry)
+    saves = [n for n in prompt.values() if n["class_type"] == "SaveImage"]
+    assert len(images) == len(saves) and all(p.exists() and p.stat().st_size > 0 for p in images)
+
+
+def test_bad_ratio_is_refused_at_validation_time(server, object_info):
+    prompt = shrink(to_api(load(ROOT / "workflows" / "sd15_sito.json"), object_info), "sd15")
+    node = next(n for n in prompt.values() if n["class_type"] == "SiToTokenPruning")
+    node["inputs"]["prune_ratio"] = 0.8
+    with pytest.raises(ComfyServerError) as err:
+        server.queue(prompt)
+    assert "0.75" in str(err.value) and "400" in str(err.value)
+
+
+def test_bad_custom_schedule_is_refused_at_validation_time(server, object_info):
+    prompt = shrink(to_api(load(ROOT / "workflows" / "sd15_dato.json"), object_info), "sd15")
+    node = next(n for n in prompt.values() if n["class_type"] == "DaToPruneCache")
+    node["inputs"]["custom_schedule"] = "F Q S1"
+    with pytest.raises(ComfyServerError) as err:
+        server.queue(prompt)
+    assert "custom_schedule" in str(err.value)

@@ -50,6 +50,17 @@ class PromptExecutionError(ComfyServerError):
         self.details = details or {}
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: have the kernel SIGTERM the server when the process that started it
+    dies (Linux prctl PR_SET_PDEATHSIG), so a killed test run leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux/glibc: stop() still cleans up normally
+        pass
+
+
 def free_port() -> int:
     # Ask the OS for an unused port. There is a small window before ComfyUI binds it;
     # start() notices if the process dies (e.g. "address in use") and reports the log.
@@ -141,6 +152,7 @@ class ComfyServer:
             # Own process group: stop() can signal the server and anything it spawned
             # without touching the caller's group.
             start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             self._wait_ready()

@@ -9,16 +9,17 @@ ComfyUI node receives as ``MODEL`` - so node code under test sees the real
 samplers.
 
 Structure is kept real where the pack cares about it (attention at the levels where the
-real family has it, real head sizes, real context/pooled widths); only depth and width
-are shrunk so a 4-step sample stays around a second or two on 2 CPU cores.
+real family has it, real head sizes, real context/pooled widths); only depth (and, for the
+DiTs, width) is shrunk. On 2 CPU cores a default ``run_sampler`` call (16x24 latent,
+batch 2, 4 euler steps, CFG) takes about a second for the DiTs and several seconds for
+the UNets, which keep the real 320-channel first level; tests that need many runs should
+pass a smaller ``latent_hw`` (8x8 works for every family).
 
 Requires ComfyUI to be importable with ``--cpu`` already applied (tests/conftest.py does
 this before any test module imports this file).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,7 +28,11 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
 import comfy.supported_models
-from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
+
+# The seeded initialisation is shared with scripts/make_checkpoint.py (the checkpoint files
+# of the end-to-end tests are initialised the same way); the reasoning for the scales is
+# documented there. scripts/ is put on sys.path by tests/conftest.py.
+from make_checkpoint import seeded_fill_
 
 __all__ = [
     "LATENT_CHANNELS",
@@ -46,88 +51,6 @@ __all__ = [
 # Latent channels per family: SD1.x/2.x/XL use the 4-channel VAE, SD3 and Flux the 16-channel one.
 LATENT_CHANNELS = {"sd15": 4, "sd2v": 4, "sdxl": 4, "sd3": 16, "flux": 16}
 KINDS = tuple(LATENT_CHANNELS)
-
-# --------------------------------------------------------------------------------------
-# Seeded initialisation
-# --------------------------------------------------------------------------------------
-# ComfyUI creates its layers with weight init disabled (torch.empty), so every tensor must
-# be written.  A tiny "0.02 * normal" init makes residual branches negligible: the output
-# would be dominated by the skip paths and attention would barely matter, which would make
-# any pruning test vacuous.  Instead:
-#   * matrices / conv kernels: normal / sqrt(fan_in) (variance preserving, each residual
-#     branch contributes O(1) relative to its input),
-#   * norm scales ~ 1 and shifts ~ 0 (with a little noise so they are not trivially 1/0),
-#   * biases small,
-#   * query/key projections get an extra gain so attention is reasonably peaked (random
-#     q.k with unit variance gives near-uniform softmax, i.e. attention ~ a global mean,
-#     which would hide the effect of dropping tokens).
-_QK_GAIN = 2.0
-_BIAS_STD = 0.05
-_NORM_STD = 0.1
-
-
-def _is_norm(module: torch.nn.Module) -> bool:
-    # GroupNorm/LayerNorm (ComfyUI's ops subclass torch's) and the various RMSNorm classes.
-    return isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or "Norm" in type(module).__name__
-
-
-def _qk_rows(name: str, shape: torch.Size) -> slice | None:
-    """Rows of a weight matrix that produce attention queries/keys (they get _QK_GAIN)."""
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] in ("to_q", "to_k") and parts[-1] == "weight":
-        return slice(None)  # UNet CrossAttention
-    if name.endswith("qkv.weight"):
-        return slice(0, 2 * shape[0] // 3)  # MMDiT / Flux double block: fused [q; k; v]
-    if "single_blocks." in name and name.endswith("linear1.weight"):
-        return slice(0, 2 * shape[1])  # Flux single block: fused [q; k; v; mlp], q,k first
-    return None
-
-
-def _is_qk_norm(name: str) -> bool:
-    # Flux normalises q and k (RMSNorm) before the dot product, so a gain on the
-    # projection would be normalised away; the gain goes into the norm scale instead.
-    return name.endswith(("query_norm.scale", "key_norm.scale"))
-
-
-@torch.no_grad()
-def seeded_fill_(module: torch.nn.Module, seed: int, skip_prefixes: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Overwrite every floating parameter and buffer of ``module`` deterministically.
-
-    Values are drawn in float32 from one ``torch.Generator`` in ``named_modules`` order and
-    then cast, so the same seed gives the same model (up to rounding) in every dtype.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    for mod_name, mod in module.named_modules():
-        if any(mod_name.startswith(p) for p in skip_prefixes):
-            continue
-        norm = _is_norm(mod)
-        tensors = list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-        for t_name, t in tensors:
-            if t is None or not t.is_floating_point():
-                continue
-            full = f"{mod_name}.{t_name}" if mod_name else t_name
-            if t_name == "pos_embed" and t.ndim == 3:
-                # MMDiT's fixed 2-D sin/cos table (a buffer created empty); use ComfyUI's
-                # own generator for it so patch positions are meaningful.
-                side = int(round(math.sqrt(t.shape[1])))
-                val = get_2d_sincos_pos_embed_torch(t.shape[2], side, side).reshape(t.shape)
-            elif norm:
-                noise = torch.randn(t.shape, generator=gen) * _NORM_STD
-                centre = 1.0 if t_name in ("weight", "scale") else 0.0
-                if _is_qk_norm(full):
-                    centre = _QK_GAIN
-                val = noise + centre
-            elif t.ndim >= 2:
-                fan_in = t[0].numel()
-                val = torch.randn(t.shape, generator=gen) / math.sqrt(fan_in)
-                rows = _qk_rows(full, t.shape)
-                if rows is not None:
-                    val[rows] *= _QK_GAIN
-            else:
-                val = torch.randn(t.shape, generator=gen) * _BIAS_STD
-            t.copy_(val.to(t.dtype))
-    return module
-
 
 # --------------------------------------------------------------------------------------
 # Builders

@@ -89,7 +89,7 @@ class CATPruneCache(io.ComfyNode):
                       tooltip="Pruned steps only happen after this point of the denoising schedule."),
                 build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                       tooltip="Pruned steps stop after this point of the denoising schedule."),
-                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the k-means clustering."),
+                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the k-means clustering."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with CAT Pruning applied.")],
         )

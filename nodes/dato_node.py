@@ -167,7 +167,7 @@ class DaToPruneCache(io.ComfyNode):
                       tooltip="Caching and pruning start at this point of the denoising schedule."),
                 build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                       tooltip="Caching and pruning stop after this point of the denoising schedule."),
-                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed of the base-token noise."),
+                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the base-token noise."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with DaTo pruning and caching applied.")],
         )

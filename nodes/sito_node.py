@@ -104,7 +104,7 @@ class SiToTokenPruning(io.ComfyNode):
                       tooltip="Start pruning at this point of the denoising schedule (0 = first step)."),
                 build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                       tooltip="Stop pruning after this point of the denoising schedule (1 = last step)."),
-                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF,
+                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                       tooltip="Seed of the base-token noise; same seed, same image."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with SiTo token pruning applied.")],

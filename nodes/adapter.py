@@ -117,12 +117,12 @@ class RunState:
         s[2] += grid.n
         self.active_steps.add(self.step)
 
-    def summary_levels(self) -> str:
+    def summary_levels(self, unit: str = "block calls") -> str:
         if not self.level_stats:
             return "no tokens pruned"
         parts = []
         for (h, w), (calls, pruned, tokens) in sorted(self.level_stats.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
-            parts.append(f"{h}x{w}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} block calls")
+            parts.append(f"{h}x{w}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} {unit}")
         return "; ".join(parts)
 
 

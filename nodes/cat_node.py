@@ -50,7 +50,7 @@ def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster
         kinds = list(state.record.step_kinds.values())
         pruned = kinds.count("pruned")
         return (f"CAT: {pruned} pruned / {len(kinds) - pruned} full of {state.total_steps} steps on {family}, "
-                f"{keep_ratio:.0%} of tokens recomputed per pruned step: {state.summary_levels()}")
+                f"{keep_ratio:.0%} of tokens recomputed per pruned step: {state.summary_levels('model calls')}")
 
     adapter.install_cat(m, uid, lambda grid: CATState(grid, cfg), warmup_steps, family,
                         factor=levels[0] if levels else 1)

@@ -16,14 +16,46 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@torch.no_grad()
+def tame(patcher, gain=0.05):
+    """Scale every transformer sub-layer's output projection down.
+
+    The tiny models' random weights make each attention block decisive (switching one off
+    changes the output by 16-78 %), so any pruning decorrelates the result completely. Real
+    diffusion models update the residual stream in small steps; with small block outputs the
+    error of pruning becomes measurable and comparable between methods.
+    """
+    for name, mod in patcher.model.diffusion_model.named_modules():
+        if name.endswith(("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")):
+            mod.weight.mul_(gain)
+            if mod.bias is not None:
+                mod.bias.mul_(gain)
+    return patcher
+
+
+def random_pruning(model, ratio, max_downsample=1):
+    """Cost-free random pruning through the same adapter: the baseline SiTo must beat."""
+    from token_pruning_cache.pruning_core.selection import plan_random, pruned_count
+    m = model.clone()
+    uid = adapter.new_uid("random")
+
+    def planner(n, grid, state):
+        k = pruned_count(ratio, grid.n, grid.window_count(2, 2))
+        return plan_random(n.shape[0], grid, k, 2, 2, state.generator(n.device), n.device)
+
+    adapter.install_block_pruning(m, uid, adapter.BlockPruning(max_downsample=max_downsample), planner)
+    adapter.install_run_lifecycle(m, uid, "random", 0.0, 1.0, 0, lambda state: "random")
+    return m
+
+
 @pytest.fixture(scope="module")
 def sd15():
-    return build("sd15")
+    return tame(build("sd15"))
 
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return build("sdxl")
+    return tame(build("sdxl"))
 
 
 def attn1_lengths(patcher):
@@ -57,6 +89,8 @@ def test_half_ratio_changes_output_but_stays_close(sd15, sampler):
     assert out.shape == ref.shape and torch.isfinite(out).all()
     err = rel_err(out, ref)
     assert 0 < err < 0.25, err
+    # and closer than pruning the same number of tokens at random
+    assert err < rel_err(run_sampler(random_pruning(sd15, 0.5), sampler=sampler, steps=3), ref)
 
 
 def test_attention_runs_on_kept_tokens_only(sd15):
@@ -73,6 +107,7 @@ def test_attention_runs_on_kept_tokens_only(sd15):
 
 
 def test_input_model_untouched(sd15):
+    ref = run_sampler(sd15, steps=2)
     before = {k: v.clone() for k, v in sd15.model.diffusion_model.state_dict().items()}
     options_before = repr(sd15.model_options)
     m = apply_sito(sd15, prune_ratio=0.7, prune_cross_attn=True, prune_mlp=True)
@@ -81,7 +116,9 @@ def test_input_model_untouched(sd15):
     assert not sd15.object_patches and not sd15.get_attachment(adapter.ATTACHMENT_KEY)
     after = sd15.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # the layers' own forwards are back in place after sampling with the object-patched clone
+    # ComfyUI keeps the last patched clone loaded; sampling the original again unpatches it:
+    # the FF object patches are gone and the output is exactly the unpatched one
+    assert torch.equal(run_sampler(sd15, steps=2), ref)
     for name, mod in sd15.model.diffusion_model.named_modules():
         if name.endswith(".ff"):
             assert getattr(mod.forward, "__func__", None) is type(mod).forward
@@ -105,14 +142,14 @@ def test_sdxl_auto_level_prunes_the_32x32_level(sdxl):
         for h in handles:
             h.remove()
     assert adapter.attention_levels(sdxl)[0] == 2
-    assert min(n for _, n in seen) < 8 * 8 // 4 + 1 or any(n == 64 - 32 for _, n in seen)
+    assert any(n == 64 - 32 for _, n in seen), sorted({n for _, n in seen})  # the 8x8 level, half pruned
     assert 0 < rel_err(out, ref) < 0.5
     zero = run_sampler(apply_sito(sdxl, prune_ratio=0.0), steps=2, latent_hw=(16, 16))
     assert torch.equal(zero, ref)
 
 
 def test_sd2_v_prediction():
-    m = build("sd2v")
+    m = tame(build("sd2v"))
     ref = run_sampler(m, steps=2)
     assert torch.equal(run_sampler(apply_sito(m, prune_ratio=0.0), steps=2), ref)
     out = run_sampler(apply_sito(m, prune_ratio=0.5), steps=2)
@@ -144,4 +181,4 @@ def test_unsupported_model_passes_through_with_one_warning(caplog):
         out = apply_sito(m, prune_ratio=0.5)
     assert out is m
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "MMDiT" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "MMDIT" in warnings[0].getMessage().upper()

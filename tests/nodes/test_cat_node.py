@@ -1,0 +1,371 @@
+"""CAT Pruning node against the real ComfyUI sampler (``comfy.sample.sample``) with tiny
+random-weight models of the real architectures: SD1.5-like and SDXL-like UNets, an SD3 MMDiT
+and a Flux model.
+
+What is measured, and how:
+  * Rows through the attention. UNet: forward pre-hooks on every ``attn1``/``attn2`` and on the
+    first layer of every feed-forward (``ff.net[0]``; the pack object-patches ``ff.forward``,
+    so the hook sits one level below it and sees what really computes). The top attention
+    level is found from the data: the blocks with the most tokens on a full step. DiTs:
+    forward pre-hooks on the blocks themselves (SD3 ``joint_blocks[i]``, Flux
+    ``double_blocks[i]``/``single_blocks[i]``), which the ``dit`` replace patch calls through
+    ``original_block`` with the tokens it really computes.
+  * Which call is which: a forward pre-hook on the diffusion model records
+    ``transformer_options["sigmas"]``, ``cond_or_uncond`` and the batch; the step is the index
+    of that sigma in the run's sigma schedule.
+  * The prediction after the pack's APPLY_MODEL wrapper: a ``model_function_wrapper`` on a
+    clone of the patched model (the slot ComfyUI calls around ``apply_model``).
+Step roles (docs/algorithms.md §4.3): steps ``< warmup_steps + 2`` are full (warm-up, reference,
+clustering), later steps are pruned with ``S = floor(keep_ratio * N)`` recomputed image tokens.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+import comfy.model_patcher
+import comfy.samplers
+import comfy.supported_models
+
+from tiny_models import build, run_sampler, seeded_fill_
+from token_pruning_cache.nodes.cat_node import CATPruneCache, apply_cat
+
+SUMMARY = re.compile(r"^CAT: (\d+) pruned / (\d+) full of (\d+) steps on (\w+)")
+UNET_HW = (8, 8)
+DIT_HW = (16, 16)  # patch 2 -> 8x8 = 64 image tokens
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = build(kind)
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(scope="module")
+def sd15_top(models):
+    return unet_top_names(models("sd15"), UNET_HW)
+
+
+def floor_keep(keep_ratio, n):
+    return int(keep_ratio * n + 1e-9)
+
+
+def sample_sigmas(patcher, steps, scheduler="normal"):
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).tolist()
+
+
+def step_of(sigma: float, sigmas: list[float]) -> int:
+    diffs = [abs(sigma - s) for s in sigmas[:-1]]
+    j = min(range(len(diffs)), key=diffs.__getitem__)
+    assert diffs[j] <= 1e-5 * max(abs(sigma), 1.0), f"call at sigma {sigma} is not on the schedule {sigmas}"
+    return j
+
+
+def summaries(caplog):
+    out = []
+    for r in caplog.records:
+        m = SUMMARY.match(r.getMessage())
+        if m:
+            out.append((int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)))
+    return out
+
+
+class CallLog:
+    """Per diffusion-model call: sigma, cond_or_uncond, batch, rows through attention / DiT blocks,
+    and the prediction returned by ``apply_model`` (after the pack's APPLY_MODEL wrapper)."""
+
+    def __init__(self, base, txt_tokens=0):
+        self.dm = base.model.diffusion_model
+        self.txt_tokens = txt_tokens
+        self.calls: list[dict] = []
+        self.outputs: list[torch.Tensor] = []
+        self._handles = []
+
+    def wrap(self, patched):
+        """A clone of ``patched`` whose ``apply_model`` outputs are recorded."""
+        m = patched.clone()
+
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            self.outputs.append(out.detach().clone())
+            return out
+        m.set_model_unet_function_wrapper(wrapper)
+        return m
+
+    def __enter__(self):
+        self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
+        for name, mod in self.dm.named_modules():
+            kind = type(mod).__name__
+            if kind == "BasicTransformerBlock":
+                self._hook(mod.attn1, self._attn(name, "attn1"))
+                self._hook(mod.attn2, self._attn(name, "attn2"))
+                self._hook(mod.ff.net[0], self._rows(name, "ff", lambda a, k: a[0].shape[1]))
+            elif name.startswith("joint_blocks.") and name.count(".") == 1:
+                self._hook(mod, self._rows(name, "dit", lambda a, k: a[1].shape[1]))
+            elif name.startswith("double_blocks.") and name.count(".") == 1:
+                self._hook(mod, self._rows(name, "dit", lambda a, k: k["img"].shape[1]))
+            elif name.startswith("single_blocks.") and name.count(".") == 1:
+                self._hook(mod, self._rows(name, "dit", lambda a, k: a[0].shape[1] - self.txt_tokens))
+                self._hook(mod, self._rows(name, "pe", lambda a, k: k["pe"].shape[2] - self.txt_tokens))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, mod, fn):
+        self._handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True))
+
+    def _start(self, module, args, kwargs):
+        to = kwargs.get("transformer_options") or {}
+        x = args[0] if args else kwargs["x"]
+        self.calls.append({"sigma": float(to["sigmas"].reshape(-1)[0]), "cond_or_uncond": list(to["cond_or_uncond"]),
+                           "batch": x.shape[0], "rows": []})
+
+    def _rows(self, name, what, count):
+        def hook(module, args, kwargs):
+            self.calls[-1]["rows"].append((what, name, count(args, kwargs)))
+        return hook
+
+    def _attn(self, name, what):
+        def hook(module, args, kwargs):
+            x = args[0]
+            ctx = kwargs.get("context")
+            kv = ctx.shape[1] if (what == "attn1" and ctx is not None) else None
+            self.calls[-1]["rows"].append((what, name, x.shape[1]))
+            if kv is not None:
+                self.calls[-1]["rows"].append(("kv1", name, kv))
+            self.calls[-1]["rows"].append(("batch", name, x.shape[0]))
+        return hook
+
+
+def check_run(log: CallLog, sigmas, warmup, keep_ratio, n_tokens, batch_rows, token_px, top_names=frozenset()):
+    """Assert the role of every call and the rows that went through the pruned layers.
+
+    ``n_tokens``: image tokens of the pruned grid; ``token_px``: latent pixels per token side;
+    ``top_names``: the UNet transformer blocks of the pruned level. Returns the step of each call."""
+    s = floor_keep(keep_ratio, n_tokens)
+    steps = []
+    for k, call in enumerate(log.calls):
+        j = step_of(call["sigma"], sigmas)
+        steps.append(j)
+        pruned = j >= warmup + 2
+        rows = call["rows"]
+        assert call["batch"] == batch_rows, (k, call["batch"])
+        assert all(n == batch_rows for what, _, n in rows if what == "batch")
+        if "dit" in {w for w, _, _ in rows}:
+            counts = [n for what, _, n in rows if what in ("dit", "pe")]
+            want = s if pruned else n_tokens
+            assert counts and all(n == want for n in counts), (
+                f"call {k} (step {j}, {'pruned' if pruned else 'full'}): image tokens per block {counts}, want {want}")
+        else:
+            assert top_names, "UNet rows need the names of the pruned level's blocks"
+            for what, name, n in rows:
+                is_top = name in top_names
+                if what == "batch":
+                    continue
+                if what == "kv1":  # self-attention keys/values: always every token (fresh or cached)
+                    assert not is_top or n == n_tokens, f"call {k} (step {j}): attn1 of {name} had {n} keys"
+                    continue
+                if is_top:
+                    want = s if pruned else n_tokens
+                    assert n == want, (f"call {k} (step {j}, {'pruned' if pruned else 'full'}): {what} of {name} "
+                                       f"got {n} rows, want {want}")
+                else:
+                    assert n < n_tokens, f"{what} of {name} is not at the top level but saw {n} rows"
+    # the prediction: on pruned steps only the selected tokens change
+    for k in range(1, len(log.outputs)):
+        j = steps[k]
+        prev, out = log.outputs[k - 1], log.outputs[k]
+        changed = (out != prev).reshape(out.shape[0], out.shape[1], out.shape[2] // token_px, token_px,
+                                        out.shape[3] // token_px, token_px).any(dim=(0, 1, 3, 5))
+        if j >= warmup + 2:
+            assert int(changed.sum()) <= s, f"step {j}: {int(changed.sum())} tokens changed, at most {s} recomputed"
+            assert int(changed.sum()) > 0
+        else:
+            assert int(changed.sum()) > s, f"full step {j} changed only {int(changed.sum())} tokens"
+    return steps
+
+
+def run_logged(base, patched, *, hw, batch, steps, cfg, txt_tokens=0, **kw):
+    log = CallLog(base, txt_tokens)
+    with log:
+        out = run_sampler(log.wrap(patched), latent_hw=hw, batch=batch, steps=steps, cfg=cfg, **kw)
+    return out, log
+
+
+def unet_top_names(base, hw):
+    """BasicTransformerBlocks of the highest-resolution attention level (found from the model's data
+    flow: the blocks whose self-attention sees the most tokens on an unpatched 1-step run)."""
+    log = CallLog(base)
+    with log:
+        run_sampler(base, latent_hw=hw, batch=1, steps=1, cfg=1.0)
+    lens = {name: n for what, name, n in log.calls[0]["rows"] if what == "attn1"}
+    top = max(lens.values())
+    return {name for name, n in lens.items() if n == top}, top
+
+
+# --------------------------------------------------------------------------------------
+# keep_ratio 1.0 is the unpatched model
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
+def test_keep_ratio_one_is_bit_identical(models, kind, caplog):
+    base = models(kind)
+    hw = UNET_HW if kind in ("sd15", "sdxl") else DIT_HW
+    cfg = 1.0 if kind in ("sd15", "sdxl") else 7.5  # CFG batches are covered on the UNet by the row tests
+    ref = run_sampler(base, latent_hw=hw, batch=1, steps=3, cfg=cfg)
+    m = apply_cat(base, keep_ratio=1.0, warmup_steps=0)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out = run_sampler(m, latent_hw=hw, batch=1, steps=3, cfg=cfg)
+    assert torch.equal(out, ref), f"{kind}: keep_ratio 1.0 differs from the unpatched model"
+    family = {"sd15": "unet", "sdxl": "unet", "sd3": "mmdit", "flux": "flux"}[kind]
+    assert summaries(caplog) == [(1, 2, 3, family)], "the pruned path must have run (step 2 pruned)"
+
+
+# --------------------------------------------------------------------------------------
+# Pruned steps recompute only the selected tokens
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch,cfg", [(1, 7.5), (2, 1.0), (3, 7.5)], ids=["b1", "b2_cfg1", "b3"])
+def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batch, cfg, caplog):
+    base = models("sd15")
+    top_names, n_tokens = sd15_top
+    assert n_tokens == UNET_HW[0] * UNET_HW[1]  # SD1.5: attention at the full latent resolution
+    steps, warmup = 4, 0
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=warmup)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out, log = run_logged(base, m, hw=UNET_HW, batch=batch, steps=steps, cfg=cfg)
+    assert out.shape == (batch, 4, *UNET_HW) and torch.isfinite(out).all()
+    rows = batch * (1 if cfg == 1.0 else 2)
+    assert check_run(log, sample_sigmas(base, steps), warmup, 0.3, n_tokens, rows, token_px=1,
+                     top_names=top_names) == list(range(steps))
+    if cfg == 1.0:
+        assert all(c["cond_or_uncond"] == [0] for c in log.calls), "cfg 1.0 must drop uncond"
+    else:
+        assert all(sorted(c["cond_or_uncond"]) == [0, 1] for c in log.calls)
+    # every top-level block was pruned on the pruned steps: attention, cross-attention and FF
+    s = floor_keep(0.3, n_tokens)
+    pruned_rows = {(what, name) for c in log.calls[warmup + 2:] for what, name, n in c["rows"] if n == s}
+    for name in top_names:
+        for what in ("attn1", "attn2", "ff"):
+            assert (what, name) in pruned_rows, f"{what} of {name} not pruned"
+    assert summaries(caplog) == [(2, 2, 4, "unet")]
+
+
+def test_sdxl_prunes_its_own_top_attention_level(models, caplog):
+    base = models("sdxl")
+    top_names, n_tokens = unet_top_names(base, UNET_HW)
+    assert n_tokens == (UNET_HW[0] // 2) * (UNET_HW[1] // 2)  # SDXL: first attention one level down
+    steps, warmup = 4, 0
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=warmup)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out, log = run_logged(base, m, hw=UNET_HW, batch=1, steps=steps, cfg=1.0)
+    assert torch.isfinite(out).all()
+    check_run(log, sample_sigmas(base, steps), warmup, 0.3, n_tokens, 1, token_px=2, top_names=top_names)
+    assert summaries(caplog) == [(2, 2, 4, "unet")]
+
+
+@pytest.mark.parametrize("kind,batch,cfg", [("sd3", 2, 7.5), ("sd3", 1, 1.0), ("flux", 1, 1.0), ("flux", 3, 7.5)])
+def test_dit_pruned_steps_recompute_only_selected_image_tokens(models, kind, batch, cfg, caplog):
+    base = models(kind)
+    n_tokens = (DIT_HW[0] // 2) * (DIT_HW[1] // 2)
+    steps, warmup = 4, 0
+    txt = 256 if kind == "flux" else 0  # Flux single blocks see cat(txt, img); make_conds gives 256 T5 tokens
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=warmup)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out, log = run_logged(base, m, hw=DIT_HW, batch=batch, steps=steps, cfg=cfg, txt_tokens=txt)
+    assert out.shape == (batch, 16, *DIT_HW) and torch.isfinite(out).all()
+    rows = batch * (1 if cfg == 1.0 else 2)
+    check_run(log, sample_sigmas(base, steps), warmup, 0.3, n_tokens, rows, token_px=2)
+    kinds = {name.split(".")[0] for c in log.calls for what, name, _ in c["rows"] if what == "dit"}
+    assert kinds == ({"joint_blocks"} if kind == "sd3" else {"double_blocks", "single_blocks"})
+    family = "mmdit" if kind == "sd3" else "flux"
+    assert summaries(caplog) == [(2, 2, 4, family)]
+
+
+# --------------------------------------------------------------------------------------
+# Warm-up, summary, validation, unsupported models
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("warmup", [2, None], ids=["warmup2", "default6"])
+def test_warmup_is_respected(models, warmup, caplog):
+    base = models("sd3")
+    steps = 9
+    kw = {} if warmup is None else {"warmup_steps": warmup}
+    w = 6 if warmup is None else warmup
+    m = apply_cat(base, keep_ratio=0.3, **kw)
+    hw = (8, 8)  # 16 image tokens: S = 4
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out, log = run_logged(base, m, hw=hw, batch=1, steps=steps, cfg=1.0)
+    assert torch.isfinite(out).all()
+    got = check_run(log, sample_sigmas(base, steps), w, 0.3, 16, 1, token_px=2)
+    assert got == list(range(steps))
+    first_pruned = next(j for j, c in zip(got, log.calls) if all(n == 4 for what, _, n in c["rows"] if what == "dit"))
+    assert first_pruned == w + 2
+    assert summaries(caplog) == [(steps - w - 2, w + 2, steps, "mmdit")]
+
+
+def test_summary_line_once_per_run(models, caplog):
+    base = models("sd3")
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        run_sampler(m, latent_hw=(8, 8), batch=1, steps=4, cfg=1.0)
+        run_sampler(m, latent_hw=(8, 8), batch=1, steps=3, cfg=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CAT")]
+    assert len(lines) == 2, lines
+    assert summaries(caplog) == [(2, 2, 4, "mmdit"), (1, 2, 3, "mmdit")]
+    assert "30% of tokens recomputed" in lines[0]
+
+
+def test_validation_messages():
+    assert CATPruneCache.validate_inputs() is True
+    for bad in (dict(keep_ratio=0.0), dict(warmup_steps=-1), dict(num_clusters=0), dict(cluster_share=1.5),
+                dict(staleness_decay=1.0), dict(start_percent=0.8, end_percent=0.2)):
+        assert isinstance(CATPruneCache.validate_inputs(**bad), str), bad
+    with pytest.raises(ValueError, match="keep_ratio"):
+        apply_cat(None, keep_ratio=0.0)
+
+
+def _conv_only_unet():
+    """A real ComfyUI SD1.x-class UNet built without any transformer block (transformer_depth 0,
+    middle block without attention): neither a UNet with SpatialTransformer levels nor a DiT."""
+    cfg = {
+        "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+        "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+        "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1],
+        "transformer_depth": [0, 0], "transformer_depth_output": [0, 0, 0, 0], "transformer_depth_middle": -1,
+        "use_linear_in_transformer": False, "context_dim": 768,
+    }
+    mc = comfy.supported_models.SD15(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    seeded_fill_(model.diffusion_model, 0)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_unsupported_model_passes_through_with_one_warning(caplog):
+    m = _conv_only_unet()
+    dm = m.model.diffusion_model
+    assert not any("Transformer" in type(x).__name__ for x in dm.modules())
+    options_before = repr(m.model_options)
+    with caplog.at_level(logging.WARNING, logger="token_pruning_cache"):
+        out = apply_cat(m, keep_ratio=0.3)
+    assert out is m and repr(m.model_options) == options_before and not m.object_patches
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "UNetModel" in warnings[0].getMessage() and "unchanged" in warnings[0].getMessage()
+    # and the model still samples as before
+    assert torch.isfinite(run_sampler(out, latent_hw=(8, 8), batch=1, steps=1, cfg=1.0)).all()

@@ -1,0 +1,483 @@
+"""DaTo Prune + Cache node against the real ComfyUI sampler (``comfy.sample.sample``) with tiny
+random-weight UNets of the real architectures (SD1.5-like and SDXL-like).
+
+What is measured, and how:
+  * Which UNet layers really computed, per model call: forward pre-hooks on a *child* of
+    every ResBlock (``in_layers[0]``) and every SpatialTransformer (``norm``). The pack
+    object-patches the ``forward`` of the blocks it may skip; a skipped layer never reaches
+    its children, so these hooks count the original computation only, whenever they are
+    registered (no dependency on the order of ``apply_dato`` and the instrumentation).
+  * Which call is which: a forward pre-hook on the diffusion model itself (the
+    DIFFUSION_MODEL level; it fires even when the pack answers a reuse step from its cache)
+    records ``transformer_options["sigmas"]``, ``cond_or_uncond`` and the batch size.
+  * The expected kind of every call comes from the sigma schedule: a call at
+    ``sigmas[j]`` belongs to step ``j`` (Heun's second evaluation of step ``i`` is at
+    ``sigmas[i+1]``) and must do what ``schedule[j]`` says.
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+
+import comfy.controlnet
+import comfy.samplers
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+from tiny_models import build, make_conds, run_sampler
+from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato
+from token_pruning_cache.pruning_core.schedule import FULL, REUSE, Schedule
+
+HW = (8, 8)
+SUMMARY = re.compile(r"^DaTo: (\d+) full / (\d+) shallow / (\d+) reused of (\d+) steps")
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return build("sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return build("sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd15_ref(sd15):
+    """Unpatched 2-step euler run (CFG on, batch 1), shared by the bit-identity tests."""
+    return run_sampler(sd15, latent_hw=HW, batch=1, steps=2)
+
+
+# --------------------------------------------------------------------------------------
+# Instrumentation
+# --------------------------------------------------------------------------------------
+
+class CallLog:
+    """Per diffusion-model call: sigma, cond_or_uncond, batch, output, and what really computed."""
+
+    def __init__(self, patcher):
+        self.dm = patcher.model.diffusion_model
+        self.calls: list[dict] = []
+        self._handles = []
+
+    def __enter__(self):
+        self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
+        self._handles.append(self.dm.register_forward_hook(self._end))
+        conv_in = self.dm.input_blocks[0][0]  # never object-patched: rank 0 always runs unless the step is reused
+        self._handles.append(conv_in.register_forward_pre_hook(self._hit("conv_in", "input_blocks.0.0")))
+        for name, mod in self.dm.named_modules():
+            if isinstance(mod, ResBlock):
+                self._handles.append(mod.in_layers[0].register_forward_pre_hook(self._hit("res", name)))
+            elif isinstance(mod, SpatialTransformer):
+                self._handles.append(mod.norm.register_forward_pre_hook(self._hit("st", name)))
+            elif name.endswith("attn1"):
+                self._handles.append(mod.register_forward_pre_hook(self._attn(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _start(self, module, args, kwargs):
+        to = kwargs.get("transformer_options") or {}
+        x = args[0] if args else kwargs["x"]
+        self.calls.append({"sigma": float(to["sigmas"].reshape(-1)[0]), "cond_or_uncond": list(to["cond_or_uncond"]),
+                           "batch": x.shape[0], "res": [], "st": [], "attn1": [], "conv_in": [], "eps": None})
+
+    def _end(self, module, args, out):
+        self.calls[-1]["eps"] = out.detach().clone()
+
+    def _hit(self, kind, name):
+        def hook(module, args):
+            self.calls[-1][kind].append(name)
+        return hook
+
+    def _attn(self, name):
+        def hook(module, args):
+            self.calls[-1]["attn1"].append((name, args[0].shape[1]))
+        return hook
+
+
+def names_of(dm, cls) -> list[str]:
+    return [n for n, m in dm.named_modules() if isinstance(m, cls)]
+
+
+def depth_cap(dm) -> int:
+    return len(dm.input_blocks) - 1
+
+
+def live_names(dm, cls, step) -> list[str]:
+    """Names of ``cls`` layers that must compute on a step of this kind (independent of the pack):
+    full = all; shallow d = input_blocks[i < d] and their mirrors output_blocks[j >= L_out - d];
+    reuse = none."""
+    names = names_of(dm, cls)
+    if step.kind == FULL:
+        return names
+    if step.kind == REUSE:
+        return []
+    n_out = len(dm.output_blocks)
+    out = []
+    for n in names:
+        part, idx = n.split(".")[0], n.split(".")[1] if "." in n else "0"
+        if part == "input_blocks" and int(idx) < step.depth:
+            out.append(n)
+        elif part == "output_blocks" and int(idx) >= n_out - step.depth:
+            out.append(n)
+    return out
+
+
+def sample_sigmas(patcher, steps, scheduler="normal"):
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).tolist()
+
+
+def step_of(sigma: float, sigmas: list[float]) -> int:
+    diffs = [abs(sigma - s) for s in sigmas[:-1]]
+    j = min(range(len(diffs)), key=diffs.__getitem__)
+    assert diffs[j] <= 1e-5 * max(abs(sigma), 1.0), f"call at sigma {sigma} is not on the schedule {sigmas}"
+    return j
+
+
+def assert_calls_follow(log: CallLog, schedule: Schedule, sigmas: list[float]) -> list[int]:
+    """Every call computed exactly the layers its step's kind allows. Returns the step of each call."""
+    dm = log.dm
+    steps = []
+    for k, call in enumerate(log.calls):
+        j = step_of(call["sigma"], sigmas)
+        steps.append(j)
+        step = schedule[j]
+        assert sorted(call["res"]) == sorted(live_names(dm, ResBlock, step)), (
+            f"call {k} (step {j}, {step}) computed ResBlocks {call['res']}")
+        assert sorted(call["st"]) == sorted(live_names(dm, SpatialTransformer, step)), (
+            f"call {k} (step {j}, {step}) computed SpatialTransformers {call['st']}")
+        assert len(call["conv_in"]) == (0 if step.kind == REUSE else 1), f"call {k} (step {j}, {step}): conv_in"
+    return steps
+
+
+def summaries(caplog) -> list[tuple[int, int, int, int]]:
+    out = []
+    for r in caplog.records:
+        m = SUMMARY.match(r.getMessage())
+        if m:
+            out.append(tuple(int(g) for g in m.groups()))
+    return out
+
+
+def expected_counts(schedule: Schedule) -> tuple[int, int, int, int]:
+    return schedule.full_count, schedule.shallow_count, schedule.reuse_count, len(schedule)
+
+
+# --------------------------------------------------------------------------------------
+# Bit identity
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opts", [dict(schedule="pruning_only"), dict(custom_schedule="F")],
+                         ids=["pruning_only", "custom_F"])
+def test_all_full_steps_and_ratio_zero_are_bit_identical(sd15, sd15_ref, opts):
+    m = apply_dato(sd15, prune_ratio=0.0, **opts)
+    out = run_sampler(m, latent_hw=HW, batch=1, steps=2)
+    assert torch.equal(out, sd15_ref), f"{opts}: all-full schedule with ratio 0 differs from the unpatched model"
+
+
+# --------------------------------------------------------------------------------------
+# Reuse and shallow steps skip the right work
+# --------------------------------------------------------------------------------------
+
+def test_reuse_steps_do_not_run_the_unet(sd15):
+    n_res = len(names_of(sd15.model.diffusion_model, ResBlock))
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule="F R R R")
+    with CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=4, cfg=1.0)
+    assert torch.isfinite(out).all()
+    assert len(log.calls) == 4, "one diffusion-model call per euler step expected"
+    assert sum(len(c["res"]) for c in log.calls) == n_res, "F R R R must cost one UNet evaluation of ResBlocks"
+    assert [len(c["res"]) for c in log.calls] == [n_res, 0, 0, 0]
+    # a reused step returns exactly the previous prediction of that chunk
+    for c in log.calls[1:]:
+        assert torch.equal(c["eps"], log.calls[0]["eps"])
+
+
+@pytest.mark.parametrize("depth", [1, 2, 9], ids=["S1", "S2", "S9_clamped"])
+def test_shallow_steps_run_only_the_outer_blocks(sd15, depth):
+    dm = sd15.model.diffusion_model
+    text = f"F S{depth} S{depth} S{depth}"
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    sigmas = sample_sigmas(sd15, 4)
+    with CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=4, cfg=1.0)
+    assert torch.isfinite(out).all()
+    schedule = Schedule.parse(text).clamp_depth(depth_cap(dm))
+    assert assert_calls_follow(log, schedule, sigmas) == [0, 1, 2, 3]
+    shallow = log.calls[1]
+    assert not any(n.startswith("middle_block") for n in shallow["res"]), "middle block ran on a shallow step"
+    if depth == 1:
+        # SD1.5 layout: input_blocks[0] is the conv_in (no ResBlock); the last output block computes
+        assert shallow["res"] == ["output_blocks.3.0"] and shallow["st"] == ["output_blocks.3.1"]
+
+
+# --------------------------------------------------------------------------------------
+# Samplers, step counts, CFG
+# --------------------------------------------------------------------------------------
+
+MIXED = "F S1 R S1 F R"
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral"])
+def test_samplers_keep_the_schedule_aligned_to_steps(sd15, sampler, caplog):
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=MIXED)
+    sigmas = sample_sigmas(sd15, 6)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=6, sampler=sampler, cfg=1.0)
+    assert torch.isfinite(out).all() and out.shape == (1, 4, *HW)
+    schedule = Schedule.parse(MIXED)
+    steps = assert_calls_follow(log, schedule, sigmas)
+    if sampler == "heun":
+        # two evaluations per step (the last step one): step i's second call is at sigma_{i+1}
+        assert steps == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    else:
+        assert steps == [0, 1, 2, 3, 4, 5]
+    assert summaries(caplog) == [expected_counts(schedule)]
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+def test_official_preset_at_10_20_50_steps(sd15, steps, caplog):
+    m = apply_dato(sd15, prune_ratio=0.4)  # default preset: the official 50-step list, resampled
+    sigmas = sample_sigmas(sd15, steps)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=steps, cfg=1.0)
+    assert torch.isfinite(out).all()
+    schedule = Schedule.dato_search_old(steps)
+    assert assert_calls_follow(log, schedule, sigmas) == list(range(steps))
+    assert summaries(caplog) == [expected_counts(schedule)]
+    if steps == 50:
+        assert expected_counts(schedule) == (5, 20, 25, 50)
+    assert schedule.reuse_count > 0 and schedule.shallow_count > 0, "the preset must exercise shallow and reuse steps"
+
+
+@pytest.mark.parametrize("cfg", [7.5, 1.0])
+def test_cfg_on_and_off(sd15, cfg):
+    text = "F S1 R S1"
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    sigmas = sample_sigmas(sd15, 4)
+    with CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=4, cfg=cfg)
+    assert torch.isfinite(out).all()
+    assert assert_calls_follow(log, Schedule.parse(text), sigmas) == [0, 1, 2, 3]
+    if cfg == 1.0:
+        assert all(c["cond_or_uncond"] == [0] and c["batch"] == 1 for c in log.calls), "cfg 1.0 must drop uncond"
+    else:
+        assert all(sorted(c["cond_or_uncond"]) == [0, 1] and c["batch"] == 2 for c in log.calls)
+
+
+@pytest.mark.parametrize("how", ["prompt_lengths", "no_concat"])
+def test_cond_and_uncond_as_separate_calls(sd15, how, monkeypatch, caplog):
+    """ComfyUI runs cond and uncond as separate model calls at the same sigma when their conds
+    cannot be concatenated: naturally with prompt lengths whose lcm padding is too large
+    (77 vs 13 tokens), or by forcing the batching decision (``can_concat_cond``)."""
+    pos, _ = make_conds("sd15", seed=0)
+    if how == "prompt_lengths":
+        _, neg = make_conds("sd15", seed=1, tokens=13)
+    else:
+        _, neg = make_conds("sd15", seed=1)
+        monkeypatch.setattr(comfy.samplers, "can_concat_cond", lambda c1, c2: c1 is c2)
+    text = "F S1 R S1"
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    sigmas = sample_sigmas(sd15, 4)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=4, positive=pos, negative=neg)
+    assert torch.isfinite(out).all()
+    # really separate: two batch-1 calls per step, one cond and one uncond
+    assert len(log.calls) == 8 and all(c["batch"] == 1 and len(c["cond_or_uncond"]) == 1 for c in log.calls)
+    steps = assert_calls_follow(log, Schedule.parse(text), sigmas)
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3]
+    for a, b in zip(log.calls[0::2], log.calls[1::2]):
+        assert sorted(a["cond_or_uncond"] + b["cond_or_uncond"]) == [0, 1]
+    # each chunk reuses its *own* previous prediction
+    for k in (4, 5):
+        prev = next(c for c in log.calls[2:4] if c["cond_or_uncond"] == log.calls[k]["cond_or_uncond"])
+        assert torch.equal(log.calls[k]["eps"], prev["eps"])
+    assert summaries(caplog) == [(1, 2, 1, 4)]
+
+
+# --------------------------------------------------------------------------------------
+# State across runs
+# --------------------------------------------------------------------------------------
+
+def test_second_run_at_other_resolution_does_not_leak(sd15):
+    text = "F S1 R S1"
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    a1 = run_sampler(m, latent_hw=(8, 8), batch=1, steps=4, cfg=1.0)
+    b = run_sampler(m, latent_hw=(12, 16), batch=1, steps=4, cfg=1.0)
+    a2 = run_sampler(m, latent_hw=(8, 8), batch=1, steps=4, cfg=1.0)
+    assert b.shape == (1, 4, 12, 16) and torch.isfinite(b).all()
+    assert torch.equal(a1, a2), "the 8x8 run changed after a 12x16 run with the same patched model (state leak)"
+    fresh = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    assert torch.equal(run_sampler(fresh, latent_hw=(12, 16), batch=1, steps=4, cfg=1.0), b), (
+        "the 12x16 run depends on the 8x8 run before it (state leak)")
+
+
+def test_summary_line_once_per_run(sd15, caplog):
+    text = "F S1 R S1 S1 R"
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        run_sampler(m, latent_hw=HW, batch=1, steps=6, cfg=1.0)
+        run_sampler(m, latent_hw=HW, batch=1, steps=6, cfg=1.0)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DaTo")]
+    assert len(lines) == 2, lines
+    assert summaries(caplog) == [(1, 3, 2, 6)] * 2
+    assert "r=0.4 pruned" in lines[0]
+
+
+# --------------------------------------------------------------------------------------
+# ControlNet residuals and other packs' block patches
+# --------------------------------------------------------------------------------------
+
+class ConstantControl(comfy.controlnet.ControlBase):
+    """A minimal real ControlNet object: it travels in the conditioning like
+    ``comfy.controlnet.ControlNet`` and returns per-block residuals (``output`` for the skip
+    connections of every input block, ``middle``) that the UNet's ``apply_control`` adds.
+    Residuals are non-zero only at the chosen sigmas. Shapes are those of the tiny SD1.5 UNet."""
+
+    CHANNELS = (320, 320, 320, 640)  # outputs of input_blocks 0..3
+    FACTORS = (1, 1, 2, 2)
+
+    def __init__(self, active_sigmas, scale=0.5):
+        super().__init__()
+        self.active_sigmas = list(active_sigmas)
+        self.scale = scale
+        self.seen: list[tuple[float, bool]] = []
+
+    def get_control(self, x_noisy, t, cond, batched_number, transformer_options=None):
+        sigma = float(t.reshape(-1)[0])
+        active = any(abs(sigma - s) <= 1e-5 * max(s, 1.0) for s in self.active_sigmas)
+        self.seen.append((sigma, active))
+        b, _, h, w = x_noisy.shape
+        gen = torch.Generator().manual_seed(7)
+
+        def residual(ch, f):
+            r = torch.randn((1, ch, -(-h // f), -(-w // f)), generator=gen) * self.scale
+            return (r if active else torch.zeros_like(r)).expand(b, -1, -1, -1).to(x_noisy.dtype).clone()
+
+        outputs = [residual(c, f) for c, f in zip(self.CHANNELS, self.FACTORS)]
+        return {"input": [], "middle": [residual(640, 2)], "output": outputs}
+
+    def copy(self):
+        c = ConstantControl(self.active_sigmas, self.scale)
+        self.copy_to(c)
+        c.seen = self.seen
+        return c
+
+
+def _with_control(kind, control):
+    pos, neg = make_conds(kind, seed=0)
+    pos[0][1]["control"] = control
+    pos[0][1]["control_apply_to_uncond"] = True
+    return pos, neg
+
+
+def _output_patch(active_sigmas):
+    """Another pack's output_block_patch: adds a constant to the skip input of the last output block."""
+    def patch(h, hsp, transformer_options):
+        sigma = float(transformer_options["sigmas"].reshape(-1)[0])
+        if transformer_options["block"] == ("output", 3) and any(abs(sigma - s) <= 1e-5 * max(s, 1.0)
+                                                                  for s in active_sigmas):
+            hsp = hsp + 0.5
+        return h, hsp
+    return patch
+
+
+@pytest.mark.parametrize("how", ["controlnet", "output_block_patch"])
+def test_control_residuals_still_applied_on_full_and_shallow_steps(sd15, how, caplog):
+    text = "F S1 S1"  # steps 1-2 shallow: only input_blocks[0] and output_blocks[3] live
+    sigmas = sample_sigmas(sd15, 3)
+
+    def run(active, steps=3, dato=True):
+        if how == "controlnet":
+            base = sd15
+            pos, neg = _with_control("sd15", ConstantControl(active))
+        else:
+            base = sd15.clone()
+            base.set_model_output_block_patch(_output_patch(active))
+            pos, neg = make_conds("sd15", seed=0)
+        model = apply_dato(base, prune_ratio=0.0, custom_schedule=text) if dato else base
+        with CallLog(sd15) as log:
+            run_sampler(model, latent_hw=HW, batch=1, steps=steps, cfg=1.0, positive=pos, negative=neg)
+        return log.calls
+
+    with caplog.at_level(logging.WARNING):
+        off = run([])
+        on_full = run([sigmas[0]])
+        on_shallow = run([sigmas[2]])
+        unpatched_first = run([sigmas[0]], steps=1, dato=False)  # sigma_max is step 0 of any 'normal' run
+    assert not [r for r in caplog.records if "could not be applied" in r.getMessage()], "control shape mismatch"
+    schedule = Schedule.parse(text)
+    for calls in (off, on_full, on_shallow):
+        log = CallLog(sd15)
+        log.calls = calls
+        assert_calls_follow(log, schedule, sigmas)
+    # full step: the residual changes the prediction exactly as on the unpatched model
+    assert not torch.equal(on_full[0]["eps"], off[0]["eps"]), "control had no effect on a full step"
+    assert torch.equal(on_full[0]["eps"], unpatched_first[0]["eps"]), "full step with control differs from unpatched"
+    # shallow step: identical history up to step 2, then the live outer blocks carry the residual
+    assert torch.equal(on_shallow[1]["eps"], off[1]["eps"])
+    diff = (on_shallow[2]["eps"] - off[2]["eps"]).abs().max().item()
+    assert diff > 1e-3, f"control residual lost on a shallow step (max |delta eps| = {diff})"
+
+
+# --------------------------------------------------------------------------------------
+# Validation, unsupported models, SDXL
+# --------------------------------------------------------------------------------------
+
+def test_validation_messages():
+    msg = DaToPruneCache.validate_inputs(custom_schedule="F Q")
+    assert isinstance(msg, str) and "custom_schedule" in msg
+    assert isinstance(DaToPruneCache.validate_inputs(custom_schedule="S1 F"), str), "a schedule must start with F"
+    assert isinstance(DaToPruneCache.validate_inputs(schedule="nope"), str)
+    assert isinstance(DaToPruneCache.validate_inputs(prune_ratio=0.9), str)
+    assert DaToPruneCache.validate_inputs(custom_schedule="F S1x3 R") is True
+    assert DaToPruneCache.validate_inputs() is True
+    with pytest.raises(ValueError, match="custom_schedule"):
+        apply_dato(None, custom_schedule="F Q")
+
+
+def test_unsupported_model_passes_through_with_one_warning(caplog):
+    m = build("sd3")
+    options_before = repr(m.model_options)
+    with caplog.at_level(logging.WARNING, logger="token_pruning_cache"):
+        out = apply_dato(m, prune_ratio=0.4)
+    assert out is m and repr(m.model_options) == options_before and not m.object_patches
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "passed through" in warnings[0].getMessage()
+
+
+def test_sdxl_bit_identical_at_ratio_zero(sdxl):
+    ref = run_sampler(sdxl, latent_hw=HW, batch=1, steps=2, cfg=1.0)
+    out = run_sampler(apply_dato(sdxl, prune_ratio=0.0, schedule="pruning_only"), latent_hw=HW, batch=1, steps=2,
+                      cfg=1.0)
+    assert torch.equal(out, ref)
+
+
+def test_sdxl_uses_its_own_depth_and_level(sdxl, caplog):
+    dm = sdxl.model.diffusion_model
+    assert depth_cap(dm) == 5 and len(dm.output_blocks) == 6
+    text = "F S1 S9 R"  # S9 is clamped to SDXL's 5 block pairs (SD1.5 here: 3)
+    m = apply_dato(sdxl, prune_ratio=0.4, custom_schedule=text)
+    sigmas = sample_sigmas(sdxl, 4)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sdxl) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=4)
+    assert torch.isfinite(out).all()
+    schedule = Schedule.parse(text).clamp_depth(5)
+    assert assert_calls_follow(log, schedule, sigmas) == [0, 1, 2, 3]
+    # SDXL's highest-resolution level has no transformer: a depth-1 step runs one ResBlock only
+    assert log.calls[1]["res"] == ["output_blocks.5.0"] and log.calls[1]["st"] == []
+    assert "middle_block.0" not in log.calls[2]["res"] and "input_blocks.5.0" not in log.calls[2]["res"]
+    assert summaries(caplog) == [(1, 2, 1, 4)]
+    # token pruning follows the model: SDXL's first attention level is 4x4 here (downsample 2)
+    lengths = {n for c in log.calls for _, n in c["attn1"]}
+    full_level = (HW[0] // 2) * (HW[1] // 2)
+    assert full_level not in lengths, f"SDXL's top attention level was not pruned: {sorted(lengths)}"
+    assert full_level - int(0.4 * full_level) in lengths and (HW[0] // 4) * (HW[1] // 4) in lengths

@@ -663,11 +663,11 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
         x = _first_tensor(args[0] if args else kwargs.get("x"))
         if state is None or x is None or x.dim() != 4:
             return executor(*args, **kwargs)
-        cat = state.extra.setdefault("cat", {"policy": None, "selections": {}, "previous": {}})
+        # one policy per token grid: area/regional conds run on crops of the latent
         grid = _token_grid_of_latent(x.shape[-2], x.shape[-1], token_factor)
-        if cat["policy"] is None or cat["policy"].grid != grid:
+        cat = state.extra.setdefault("cat", {}).setdefault(grid, {"selections": {}, "previous": {}})
+        if "policy" not in cat:
             cat["policy"] = policy_factory(grid)
-            cat["selections"].clear()
         policy = cat["policy"]
         chunk = _chunk_key(to)
         role = cat_role(state.step, warmup_steps)
@@ -688,7 +688,8 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
             out = torch.where(_latent_mask(selection, grid, out.shape[-2], out.shape[-1]), out, prev_out)
             state.count(grid, grid.n - selection.numel())
         cat["previous"][chunk] = out
-        rows = _cond_rows(out.shape[0], to.get("cond_or_uncond"))
+        # the cond rows drive the selection (official); a grid that only ever sees uncond rows uses those
+        rows = _cond_rows(out.shape[0], to.get("cond_or_uncond")) or list(range(out.shape[0]))
         if rows and role != CAT_FULL and state.step + 1 not in cat["selections"]:
             pred = prediction_tokens(out[rows], grid)
             if role == CAT_REFERENCE:

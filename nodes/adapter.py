@@ -40,6 +40,7 @@ log = logging.getLogger("token_pruning_cache")
 RUN_KEY = "token_pruning_cache"  # transformer_options key holding {uid: RunState} during a run
 ATTACHMENT_KEY = "token_pruning_cache"  # ModelPatcher attachment: list of (uid, method) on this model
 WRAPPER_PREFIX = "token_pruning_cache"
+DISPLAY_NAMES = {"sito": "SiTo Token Pruning", "dato": "DaTo Prune + Cache", "cat": "CAT Pruning"}
 
 # Decisions recorded during the most recent runs, for the preview node. Bounded, and holds
 # only small CPU tensors; it is never read by sampling itself.
@@ -87,6 +88,7 @@ class RunState:
         self.level_stats: dict[tuple[int, int], list[int]] = {}  # (h, w) -> [calls, pruned, tokens]
         self.record = RunRecord(method=method, total_steps=self.total_steps)
         self.extra: dict = {}  # method-specific per-run state (caches, dynamics maps, ...)
+        self.skipped: dict[str, int] = {}  # reason -> block calls left alone (one warning per run)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._lock = threading.Lock()
 
@@ -101,6 +103,9 @@ class RunState:
                     g.manual_seed(self.seed)
                     self._generators[device] = g
         return g
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def begin_step_call(self, sigma: float) -> None:
         self.sigma = sigma
@@ -273,6 +278,9 @@ def install_run_lifecycle(model, uid: str, method: str, start_percent: float, en
             _store_record(uid, state.record)
             if finished:
                 log.info(summary(state))
+                if state.skipped:
+                    log.warning("%s: %s", DISPLAY_NAMES.get(method, method),
+                                "; ".join(f"{n} calls left unpruned because {why}" for why, n in state.skipped.items()))
             state.extra.clear()
 
     def calc_cond_batch(executor, *args, **kwargs):
@@ -337,7 +345,9 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
         try:
             grid = grid_from_shapes(n.shape[1], extra.get("activations_shape"), extra.get("original_shape"))
         except ValueError:
-            return n, context, value  # another patch already changed the sequence: leave it alone
+            # another patch (ToMe, HyperTile, a second pruning node) already changed the sequence
+            state.skip("another patch had already changed their token sequence (put this node first in the chain)")
+            return n, context, value
         if downsample_factor(grid, extra.get("original_shape") or [grid.h, grid.w]) > how.max_downsample:
             return n, context, value
         plan = planner(n, grid, state)
@@ -572,10 +582,10 @@ def _cached_layer(original, uid: str, block_key: str, rank: int, is_last: bool):
         if c.state is None or c.state.uid != uid or c.kind == FULL or rank < c.depth:
             out = original(*args, **kwargs)
             if is_last and c.store and c.state is not None and c.state.uid == uid:
-                c.blocks[block_key] = out
+                c.blocks[block_key] = out.clone()  # ComfyUI adds ControlNet residuals to it in place
             return out
         if is_last:
-            return c.blocks[block_key]
+            return c.blocks[block_key].clone()
         return args[0] if args else next(iter(kwargs.values()))
     return forward
 
@@ -617,6 +627,7 @@ class _CatCall(threading.local):
     chunk: tuple | None = None
     selection: torch.Tensor | None = None  # [S] sorted token indices, None on full steps
     n_tokens: int = 0  # tokens of the selection's grid (image tokens on DiTs)
+    keep_attn2: bool = False  # an attn2 replace patch (IPAdapter style) expects every query
 
 
 _CAT = _CatCall()
@@ -677,26 +688,38 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
             codes = torch.full((grid.n,), 2, dtype=torch.uint8, device=selection.device)
             codes[selection] = 0
             state.record.add_map(state.step, grid, codes)
-        previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens)
+        keep_attn2 = bool((to.get("patches_replace") or {}).get("attn2"))
+        if keep_attn2 and selection is not None:
+            state.skip("an attn2 replace patch (IPAdapter style) is present, so cross-attention ran on all tokens")
+        previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2)
         _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = uid, state, chunk, selection, grid.n
+        _CAT.keep_attn2 = keep_attn2
         try:
             out = executor(*args, **kwargs)
         finally:
-            _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = previous
+            (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2) = previous
         prev_out = cat["previous"].get(chunk)
         if selection is not None and prev_out is not None and prev_out.shape == out.shape:
             out = torch.where(_latent_mask(selection, grid, out.shape[-2], out.shape[-1]), out, prev_out)
             state.count(grid, grid.n - selection.numel())
         cat["previous"][chunk] = out
-        # the cond rows drive the selection (official); a grid that only ever sees uncond rows uses those
-        rows = _cond_rows(out.shape[0], to.get("cond_or_uncond")) or list(range(out.shape[0]))
-        if rows and role != CAT_FULL and state.step + 1 not in cat["selections"]:
-            pred = prediction_tokens(out[rows], grid)
-            if role == CAT_REFERENCE:
-                policy.set_reference(pred, row=None)
-            elif policy.reference is not None:
-                cat["selections"][state.step + 1] = (policy.first_selection(pred, row=None) if role == CAT_CLUSTER
-                                                     else policy.next_selection(pred, row=None))
+        # The cond rows drive the selection (official). A grid that never saw a cond row (an area
+        # crop only the uncond covers) uses its uncond rows instead.
+        rows = _cond_rows(out.shape[0], to.get("cond_or_uncond"))
+        if rows:
+            cat["has_cond"] = True
+        elif not cat.get("has_cond"):
+            rows = list(range(out.shape[0]))
+        if role != CAT_FULL and rows:
+            with state._lock:  # cond batches may run in threads (multi-GPU): one selection per step
+                if state.step + 1 not in cat["selections"] and (role != CAT_REFERENCE or policy.reference is None):
+                    pred = prediction_tokens(out[rows], grid)
+                    if role == CAT_REFERENCE:
+                        policy.set_reference(pred, row=None)
+                    elif policy.reference is not None:
+                        cat["selections"][state.step + 1] = (
+                            policy.first_selection(pred, row=None) if role == CAT_CLUSTER
+                            else policy.next_selection(pred, row=None))
         return out
 
     model.add_wrapper_with_key(W.APPLY_MODEL, f"{WRAPPER_PREFIX}.{uid}", apply_model_wrapper)
@@ -763,7 +786,7 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
 
     def attn2_in(n, context, value, extra):
         pending.attn2 = None
-        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens:
+        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens or _CAT.keep_attn2:
             return n, context, value
         cache, selection = _cat_cache(key(extra, "attn2"))
         sel = selection if _cat_ready(cache, n, selection, ("out",)) else None

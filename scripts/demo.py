@@ -91,7 +91,8 @@ def main() -> int:
                 if node["class_type"] == "CLIPTextEncode":
                     node["inputs"]["text"] = node["inputs"]["text"].rstrip() + " " * (i + 1)
                 if node["class_type"] == "SaveImage":
-                    node["inputs"]["filename_prefix"] = f"demo_{label.replace(' ', '_')}_{time.time_ns()}"
+                    role = "_preview" if node["inputs"]["filename_prefix"].endswith("_preview") else ""
+                    node["inputs"]["filename_prefix"] = f"demo_{label.replace(' ', '_')}_{time.time_ns()}{role}"
             entry = server.run(p, timeout=3600)
             times[label] = server.timings(entry)["seconds"]
             for path in server.images(entry):

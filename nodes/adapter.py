@@ -89,6 +89,7 @@ class RunState:
         self.record = RunRecord(method=method, total_steps=self.total_steps)
         self.extra: dict = {}  # method-specific per-run state (caches, dynamics maps, ...)
         self.skipped: dict[str, int] = {}  # reason -> block calls left alone (one warning per run)
+        self.pruning_off = False  # token pruning disabled for this run (incompatible patch order)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._lock = threading.Lock()
 
@@ -249,9 +250,18 @@ def install_run_lifecycle(model, uid: str, method: str, start_percent: float, en
                          start_sigma=float(sampling.percent_to_sigma(start_percent)),
                          end_sigma=float(sampling.percent_to_sigma(end_percent)), seed=seed)
         to = guider.model_options.setdefault("transformer_options", {})
+        # Another pack's attn1 patch pair registered after ours would see our shortened
+        # sequence and its output patch would run before our recovery: prune nothing then.
+        attn1 = (to.get("patches") or {}).get("attn1_patch", [])
+        mine = [i for i, p in enumerate(attn1) if getattr(p, "token_pruning_uid", None) == uid]
+        foreign_after = bool(mine) and any(getattr(p, "token_pruning_uid", None) is None for p in attn1[mine[0] + 1:])
         runs = dict(to.get(RUN_KEY, {}))
         runs[uid] = state
         to[RUN_KEY] = runs
+        if foreign_after:
+            state.pruning_off = True
+            state.skip("another pack's self-attention patch (e.g. ToMe, HyperTile) comes after this node; "
+                       "apply this node after it in the graph")
         if on_start is not None:
             on_start(state, guider)
 
@@ -340,7 +350,7 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
     def attn1_in(n, context, value, extra):
         plans.block = plans.attn1 = plans.attn2 = None
         state = run_state(extra, uid)
-        if state is None or not state.active:
+        if state is None or not state.active or state.pruning_off:
             return n, context, value
         try:
             grid = grid_from_shapes(n.shape[1], extra.get("activations_shape"), extra.get("original_shape"))
@@ -372,6 +382,7 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
             return n
         return plan.recover(n)
 
+    attn1_in.token_pruning_uid = uid
     model.set_model_attn1_patch(attn1_in)
     model.set_model_attn1_output_patch(attn1_out)
 

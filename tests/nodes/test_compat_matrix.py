@@ -219,10 +219,12 @@ def logs(caplog):
 
 
 @pytest.fixture
-def compat(record_property, request):
-    """Record the table coordinates of this test for scripts/compat_table.py."""
+def compat(record_property, request, caplog):
+    """Record the table coordinates of this test for scripts/compat_table.py; a row whose run
+    logged a warning of ours is recorded as ``status=warn`` (shown as ⚠ when it passes)."""
     callspec = getattr(request.node, "callspec", None)
     method = callspec.params.get("method", "all") if callspec else "all"
+    state = {"warned": False}
 
     class Row:
         def __call__(self, theme: str, row: str):
@@ -231,10 +233,16 @@ def compat(record_property, request):
             record_property("method", method)
 
         def warn(self, why: str):
-            record_property("status", "warn")
-            record_property("warning", why)
+            if not state["warned"]:
+                state["warned"] = True
+                record_property("status", "warn")
+                record_property("warning", why)
 
-    return Row()
+    row = Row()
+    yield row
+    ours = [r.getMessage() for r in caplog.get_records("call") if r.name == LOGGER and r.levelno >= logging.WARNING]
+    if ours:
+        row.warn(ours[0])
 
 
 class CallProbe:
@@ -717,6 +725,8 @@ def _unique_graphs() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="known problem, open: under ComfyUI's TorchCompileModel our Python-side patches do not "
+                          "yet give the eager result / static graphs (listed as ✗ in the README)", strict=False)
 @pytest.mark.parametrize("method", METHODS)
 def test_torch_compile_dynamo_graphs(method, logs, compat):
     """ComfyUI's TorchCompileModel node with dynamo's "eager" backend: the same tracing, guards

@@ -191,8 +191,48 @@ def main() -> int:
     for name, ui in build_all(info).items():
         (folder / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
         print("wrote", folder / f"{name}.json")
+    thumbnails()
     return 0
 
 
+
+
+def render_thumbnail(ui: dict, path: Path, width: int = 640) -> None:
+    """A small PNG of the graph (boxes, titles, links) to sit beside the workflow JSON."""
+    from PIL import Image, ImageDraw
+
+    nodes = ui["nodes"]
+    x0 = min(n["pos"][0] for n in nodes) - 20
+    y0 = min(n["pos"][1] for n in nodes) - 20
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes) + 20
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes) + 20
+    scale = width / (x1 - x0)
+    img = Image.new("RGB", (width, max(int((y1 - y0) * scale), 120)), (40, 40, 44))
+    draw = ImageDraw.Draw(img)
+    boxes = {}
+    for n in nodes:
+        x, y = (n["pos"][0] - x0) * scale, (n["pos"][1] - y0) * scale
+        w, h = n["size"][0] * scale, max(n["size"][1] * scale, 18)
+        ours = n["type"] in ("SiToTokenPruning", "DaToPruneCache", "CATPruneCache", "TokenPruningPreview")
+        fill = (70, 120, 80) if ours else (90, 90, 60) if n["type"] == "Note" else (70, 70, 80)
+        draw.rectangle([x, y, x + w, y + h], fill=fill, outline=(160, 160, 170))
+        draw.text((x + 3, y + 2), n.get("title") or n["type"], fill=(235, 235, 235))
+        boxes[n["id"]] = (x, y, w, h)
+    for _, src, _, dst, _, _ in ui["links"]:
+        sx, sy, sw, _ = boxes[src]
+        dx, dy, _, _ = boxes[dst]
+        draw.line([sx + sw, sy + 8, dx, dy + 8], fill=(200, 180, 90), width=1)
+    img.save(path, optimize=True)
+
+
+def thumbnails() -> None:
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        render_thumbnail(json.loads(path.read_text()), path.with_suffix(".png"))
+        print("wrote", path.with_suffix(".png"))
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--thumbnails"]:
+        thumbnails()
+        raise SystemExit(0)
     raise SystemExit(main())

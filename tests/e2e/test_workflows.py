@@ -66,6 +66,7 @@ def test_all_expected_workflows_are_shipped():
     for p in WORKFLOWS:
         ui = json.loads(p.read_text())
         assert any(n["type"] in ("Note", "MarkdownNote") for n in ui["nodes"]), f"{p.name} has no Note node"
+        assert p.with_suffix(".png").is_file(), f"{p.name} has no thumbnail (scripts/make_workflows.py --thumbnails)"
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem.startswith("sdxl") else p

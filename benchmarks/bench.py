@@ -196,21 +196,9 @@ def bootstrap(comfy_dir: str) -> None:
     Idempotent, so the script can also be driven in-process (e.g. from pytest, whose
     conftest has already done the same).
     """
-    comfy_dir = str(Path(comfy_dir).resolve())
-    if not (Path(comfy_dir) / "comfy").is_dir():
-        raise SystemExit(f"ComfyUI not found at {comfy_dir}; run `bash scripts/setup_env.sh` (or pass --comfyui)")
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    if "comfy.model_management" not in sys.modules:
-        import comfy.options
-        saved = sys.argv
-        sys.argv = [saved[0] if saved else "bench.py", "--cpu"]
-        comfy.options.enable_args_parsing(True)
-        try:
-            import comfy.cli_args  # noqa: F401  (parses --cpu)
-        finally:
-            sys.argv = saved
-            comfy.options.enable_args_parsing(False)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_checkpoint import ensure_comfy_importable  # the one --cpu bootstrap of the repo
+    ensure_comfy_importable(Path(comfy_dir).resolve())
     import comfy.cli_args
     import comfy.model_management as mm
     if not comfy.cli_args.args.cpu or mm.cpu_state != mm.CPUState.CPU:

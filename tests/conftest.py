@@ -51,20 +51,10 @@ def _prepend_path(p: Path) -> None:
 def _import_comfy_on_cpu() -> None:
     import torch
 
-    if "comfy.model_management" not in sys.modules:
-        # Let comfy.cli_args parse a command line consisting only of "--cpu" (pytest's own
-        # argv must not reach ComfyUI's argparse), then switch parsing off again so any
-        # later re-import behaves like a library import.
-        import comfy.options
+    # scripts/make_checkpoint.py holds the repo's one "--cpu before model_management" bootstrap
+    from make_checkpoint import ensure_comfy_importable
 
-        saved_argv = sys.argv
-        sys.argv = [saved_argv[0] if saved_argv else "pytest", "--cpu"]
-        comfy.options.enable_args_parsing(True)
-        try:
-            import comfy.cli_args  # noqa: F401  (parses --cpu)
-        finally:
-            sys.argv = saved_argv
-            comfy.options.enable_args_parsing(False)
+    ensure_comfy_importable(COMFY_DIR)
 
     import comfy.cli_args
     import comfy.model_management as mm

@@ -842,9 +842,8 @@ def test_input_model_unchanged(method, compat):
     base.set_model_attn1_patch(lambda n, c, v, extra: (n, c, v))
     snap = _snapshot(base)
     ref = sample(base)
-    model = patch(method, base)
-    sample(model)
-    sample(patch(NEXT[method], model))
+    sample(patch(method, base))
+    sample(patch(NEXT[method], base))  # (chains are the Stacking rows; here: two patches of one base)
     assert_unchanged(base, snap)
     assert torch.equal(sample(base), ref)
 

@@ -788,12 +788,17 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
         cache["kv"] = kv
         return q, kv, kv
 
-    def attn1_out(n, extra):
-        slot, pending.attn1 = pending.attn1, None
+    def finish(name, n):
+        """Output patch: merge this block call's pending slot (set by the input patch) into its cache."""
+        slot = getattr(pending, name)
+        setattr(pending, name, None)
         if slot is None:
             return n
         cache, sel = slot
         return _merge_or_store(cache, "out", n, sel, _CAT.n_tokens)
+
+    def attn1_out(n, extra):
+        return finish("attn1", n)
 
     def attn2_in(n, context, value, extra):
         pending.attn2 = None
@@ -805,11 +810,7 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
         return (n if sel is None else n.index_select(1, sel)), context, value
 
     def attn2_out(n, extra):
-        slot, pending.attn2 = pending.attn2, None
-        if slot is None:
-            return n
-        cache, sel = slot
-        return _merge_or_store(cache, "out", n, sel, _CAT.n_tokens)
+        return finish("attn2", n)
 
     model.set_model_attn1_patch(attn1_in)
     model.set_model_attn1_output_patch(attn1_out)

@@ -48,6 +48,19 @@ _RECORDS: "OrderedDict[str, RunRecord]" = OrderedDict()
 _RECORDS_MAX = 16
 
 
+def _eager(fn):
+    """Keep one of our patch functions out of ``torch.compile`` graphs (TorchCompileModel).
+
+    Our input patches hand their plan to the output partner through thread-local objects.
+    Dynamo does not replay such writes inside a compiled region, so the partner would read a
+    stale plan. Running the patch functions eagerly (a graph break around each) keeps them
+    right, and the model's own layers still compile. Feature-detected: torch without
+    ``torch.compiler.disable`` cannot compile ComfyUI models anyway.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn)
+
+
 # --------------------------------------------------------------------------------------
 # Per-run state
 # --------------------------------------------------------------------------------------
@@ -382,9 +395,10 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
             return n
         return plan.recover(n)
 
+    attn1_in = _eager(attn1_in)
     attn1_in.token_pruning_uid = uid
     model.set_model_attn1_patch(attn1_in)
-    model.set_model_attn1_output_patch(attn1_out)
+    model.set_model_attn1_output_patch(_eager(attn1_out))
 
     if how.cross_attn:
         def attn2_in(n, context, value, extra):
@@ -400,15 +414,15 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
                 return n
             return plan.recover(n)
 
-        model.set_model_attn2_patch(attn2_in)
-        model.set_model_attn2_output_patch(attn2_out)
+        model.set_model_attn2_patch(_eager(attn2_in))
+        model.set_model_attn2_output_patch(_eager(attn2_out))
 
     if how.mlp:
         # The feed-forward has no patch slot; wrap each eligible block's ``ff.forward``.
         for path in transformer_block_paths(model, how.max_downsample):
             name = f"diffusion_model.{path}.ff.forward"
             original = model.get_model_object(name)
-            model.add_object_patch(name, _pruned_ff(original, plans))
+            model.add_object_patch(name, _eager(_pruned_ff(original, plans)))
 
 
 def _pruned_ff(original, plans: _BlockPlans):
@@ -584,7 +598,7 @@ def install_step_cache(model, uid: str, step_kind: Callable[[RunState], tuple[st
         for k, path in enumerate(layers):
             name = f"diffusion_model.{path}.forward"
             original = model.get_model_object(name)
-            model.add_object_patch(name, _cached_layer(original, uid, block_key, rank, k == len(layers) - 1))
+            model.add_object_patch(name, _eager(_cached_layer(original, uid, block_key, rank, k == len(layers) - 1)))
 
 
 def _cached_layer(original, uid: str, block_key: str, rank: int, is_last: bool):
@@ -812,13 +826,13 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
     def attn2_out(n, extra):
         return finish("attn2", n)
 
-    model.set_model_attn1_patch(attn1_in)
-    model.set_model_attn1_output_patch(attn1_out)
-    model.set_model_attn2_patch(attn2_in)
-    model.set_model_attn2_output_patch(attn2_out)
+    model.set_model_attn1_patch(_eager(attn1_in))
+    model.set_model_attn1_output_patch(_eager(attn1_out))
+    model.set_model_attn2_patch(_eager(attn2_in))
+    model.set_model_attn2_output_patch(_eager(attn2_out))
     for path in transformer_block_paths(model, factor):
         name = f"diffusion_model.{path}.ff.forward"
-        model.add_object_patch(name, _cat_ff(model.get_model_object(name), uid, path))
+        model.add_object_patch(name, _eager(_cat_ff(model.get_model_object(name), uid, path)))
 
 
 def _cat_ff(original, uid: str, path: str):
@@ -849,7 +863,7 @@ def _install_cat_dit(model, uid: str, family: str) -> None:
         blocks = ([("double_block", i) for i in range(len(dm.double_blocks))]
                   + [("single_block", i) for i in range(len(dm.single_blocks))])
     for kind, i in blocks:
-        model.set_model_patch_replace(_cat_dit_block(uid, (kind, i)), "dit", kind, i)
+        model.set_model_patch_replace(_eager(_cat_dit_block(uid, (kind, i))), "dit", kind, i)
 
 
 def _cat_dit_block(uid: str, block_key):

@@ -725,8 +725,6 @@ def _unique_graphs() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="known problem, open: under ComfyUI's TorchCompileModel our Python-side patches do not "
-                          "yet give the eager result / static graphs (listed as ✗ in the README)", strict=False)
 @pytest.mark.parametrize("method", METHODS)
 def test_torch_compile_dynamo_graphs(method, logs, compat):
     """ComfyUI's TorchCompileModel node with dynamo's "eager" backend: the same tracing, guards

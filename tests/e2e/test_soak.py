@@ -1,0 +1,100 @@
+"""Soak test on the real server: 50 prompts through the HTTP API, mixing our three nodes,
+sizes (some not multiples of 16) and batch sizes on the small generated SD1.5 checkpoint.
+
+Checks what a user running a queue all afternoon relies on: every prompt completes, the
+same prompt gives the same pixels 40 prompts later (and really was sampled again, not served
+from ComfyUI's cache), and the server process does not grow from the 10th to the 50th prompt
+by more than a few percent (per-run state is dropped; the preview records stay bounded).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_server import ComfyServer
+from make_checkpoint import make_checkpoint
+from workflow_convert import load, to_api
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+CKPT = "tpc_sd15_reduced.safetensors"
+ROUNDS = 5
+# (workflow, node settings, width, height, batch): ten different prompts, queued five times over
+CONFIGS = [
+    ("sd15_sito", {"prune_ratio": 0.5}, 64, 64, 1),
+    ("sd15_dato", {"schedule": "dato_official"}, 96, 64, 2),
+    ("sd15_cat", {"keep_ratio": 0.3}, 64, 96, 3),
+    ("sd15_sito", {"prune_ratio": 0.0}, 80, 64, 1),
+    ("sd15_sito", {"prune_ratio": 0.7}, 128, 128, 2),
+    ("sd15_dato", {"schedule": "dato_aggressive"}, 64, 64, 3),
+    ("sd15_cat", {"keep_ratio": 0.5}, 96, 96, 1),
+    ("sd15_sito", {"prune_ratio": 0.5}, 72, 56, 1),
+    ("sd15_dato", {"schedule": "deepcache_5"}, 64, 80, 2),
+    ("sd15_cat", {"keep_ratio": 0.3}, 128, 64, 2),
+]
+NODES = {"SiToTokenPruning", "DaToPruneCache", "CATPruneCache"}
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def build(templates: dict, config) -> tuple[dict, str]:
+    name, settings, width, height, batch = config
+    prompt = copy.deepcopy(templates[name])
+    sampler_id = None
+    for node_id, node in prompt.items():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = CKPT
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=width, height=height, batch_size=batch)
+        elif kind == "KSampler":
+            inputs.update(steps=8, seed=1234)
+            sampler_id = node_id
+        elif kind in NODES:
+            inputs.update(settings)
+            if kind == "CATPruneCache":
+                inputs["warmup_steps"] = 2  # so that 8 steps include pruned ones
+    assert sampler_id is not None
+    return prompt, sampler_id
+
+
+def pixels(paths) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(paths, key=lambda p: p.name)]
+
+
+def test_fifty_prompts_complete_deterministic_and_flat_memory(comfy_dir, tmp_path):
+    make_checkpoint(comfy_dir / "models" / "checkpoints" / CKPT, arch="sd15", reduced=True, seed=0)
+    with ComfyServer(output_dir=tmp_path / "out") as server:
+        info = server.object_info()
+        templates = {name: to_api(load(ROOT / "workflows" / f"{name}.json"), info)
+                     for name in {c[0] for c in CONFIGS}}
+        first_round: dict[int, list[np.ndarray]] = {}
+        rss: dict[int, int] = {}
+        for n in range(1, ROUNDS * len(CONFIGS) + 1):
+            index = (n - 1) % len(CONFIGS)
+            prompt, sampler_id = build(templates, CONFIGS[index])
+            entry = server.run(prompt, timeout=600)
+            rss[n] = rss_kib(server.proc.pid)
+            images = pixels(server.images(entry))
+            assert len(images) == CONFIGS[index][4], (n, CONFIGS[index])
+            if n <= len(CONFIGS):
+                first_round[index] = images
+            elif n > (ROUNDS - 1) * len(CONFIGS):
+                # the sampler really ran again (the previous prompt differed), and gave the same pixels
+                assert sampler_id not in server.timings(entry)["cached_nodes"], (n, CONFIGS[index])
+                for a, b in zip(first_round[index], images):
+                    assert np.array_equal(a, b), f"prompt {n} ({CONFIGS[index]}) differs from its first run"
+
+    growth = rss[50] / rss[10] - 1.0
+    print(f"server RSS: 10th prompt {rss[10] / 1024:.0f} MiB, 50th {rss[50] / 1024:.0f} MiB ({growth:+.1%})")
+    assert growth < 0.05, f"server memory grew {growth:.1%} from the 10th to the 50th prompt: {rss}"

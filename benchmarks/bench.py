@@ -5,7 +5,11 @@ Everything runs in ONE process on ONE model with the same seed, noise and condit
 
 1. an SD1.5-architecture UNet at full size (860 M parameters), built with ComfyUI's own
    classes (``comfy.supported_models.SD15`` with the standard SD1.5 unet config, fp32) and
-   filled with seeded random weights -- or a real checkpoint given with ``--checkpoint``;
+   filled with seeded random weights -- or, with ``--family mmdit``, an SD3-medium-shaped
+   MMDiT (``comfy.supported_models.SD3`` / ``comfy.model_base.SD3``: the real per-block shape,
+   hidden 1536 = 24 heads x 64, patch 2, 16 latent channels, 154 x 4096 text context, pooled
+   2048, but only ``--dit-depth`` joint blocks instead of 24) -- or a real checkpoint given
+   with ``--checkpoint``;
 2. every variant is sampled with ComfyUI's real sampler (``comfy.sample.sample``, CFG, so a
    batch-1 latent becomes batch-2 UNet calls), the unpatched model first and once more at the
    end as a drift check;
@@ -37,6 +41,11 @@ Variants are ``method[-modifier...][@ratio]``:
   modifiers (sito, random):      qonly  keys/values stay full (prune_kv=False, like ToMe)
                                  ds2 / ds4  also prune the 1/2 (and 1/4) resolution levels
                                  xattn  also prune cross-attention queries;  mlp  also the FF
+  dato[-official|-aggressive]@R, deepcache[-5|-10]@R   this pack's DaTo node (UNet only)
+  cat@R                          this pack's CAT node (keep_ratio R; UNet and DiT)
+  easycache@T, lazycache@T       ComfyUI core's EasyCache / LazyCache nodes (reuse_threshold T)
+On the MMDiT only unpatched, cat, lazycache and easycache apply (SiTo, DaTo/DeepCache, ToMe and
+random pruning patch the UNet's SpatialTransformer blocks); anything else is refused up front.
 See benchmarks/README.md for usage.
 """
 from __future__ import annotations
@@ -49,6 +58,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import threading
 import time
@@ -60,6 +70,7 @@ PACK_ALIAS = "token_pruning_cache"
 
 DEFAULT_VARIANTS = ("unpatched,tome@0.5,tome@0.7,random@0.5,random@0.7,sito@0.3,sito@0.5,sito@0.7,"
                     "sito-qonly@0.5,sito-ds2@0.5")
+DEFAULT_DIT_VARIANTS = "unpatched,cat@0.3,lazycache@0.2"
 
 # The standard SD1.5 UNet (comfy/model_detection.py, ``SD15`` of unet_config_from_diffusers_unet).
 SD15_UNET_CONFIG = {
@@ -70,6 +81,35 @@ SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+
+# SD3 medium as comfy.model_detection.detect_unet_config reads it from the released
+# sd3_medium checkpoint: ComfyUI's MMDiT ties the width to ``depth`` (hidden = 64 * depth, one
+# 64-wide head per unit), so depth 24 = hidden 1536 / 24 heads; 24 joint blocks (the last one's
+# text stream "pre_only"); patch 2 on the 16-channel SD3 latent; CLIP-L+G pooled 2048 into
+# y_embedder; CLIP+T5 context of width 4096 into context_embedder; a 192x192-patch pos_embed
+# table; no q/k norm and no extra x-block self-attention (those are SD3.5). ``num_blocks`` (the
+# number of joint blocks) is set from --dit-depth.
+SD3_MEDIUM_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 24, "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+    "num_patches": 192 * 192, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+SD3_MEDIUM_BLOCKS = 24
+SD3_TEXT_TOKENS = 154  # 77 CLIP-L/G + 77 T5 tokens, as ComfyUI's SD3 text encoder pads them
+TINY_MMDIT_WIDTH_UNITS = 4  # --tiny --family mmdit: hidden 256 = 4 heads x 64
+
+# Which variants can run on which model family. SiTo, DaTo/DeepCache, ToMe and random pruning
+# hook the UNet's SpatialTransformer blocks (attn1/attn2/ff patches); an MMDiT never calls them.
+UNET_ONLY_METHODS = {
+    "tome": "ComfyUI's ToMe node patches the UNet's attn1",
+    "sito": "SiTo patches the UNet's SpatialTransformer self-attention",
+    "random": "random pruning goes through SiTo's UNet block patches",
+    "dato": "DaTo's step cache and pruning patch the UNet's blocks",
+    "deepcache": "DeepCache (DaTo node) caches the UNet's skip-connected blocks",
+}
+DIT_METHODS = ("unpatched", "cat", "lazycache", "easycache")
 
 log = logging.getLogger("bench")
 
@@ -83,8 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a real SD1.x/SD2.x/SDXL checkpoint (.safetensors/.ckpt); default: a random-weight SD1.5 UNet")
+    p.add_argument("--family", choices=("sd15", "mmdit"), default="sd15",
+                   help="random-weight model: sd15 = the SD1.5 UNet (default); mmdit = an SD3-medium-shaped MMDiT "
+                        "(real block width, --dit-depth joint blocks)")
+    p.add_argument("--dit-depth", type=int, default=2,
+                   help="--family mmdit: number of joint blocks (SD3 medium has 24; default 2)")
     p.add_argument("--tiny", action="store_true",
-                   help="smoke-test model: SD1.5 family shrunk to two levels / one res block (not for reported numbers)")
+                   help="smoke-test model: SD1.5 family shrunk to two levels / one res block; with --family mmdit "
+                        "hidden 256 (4 heads) instead of 1536 (not for reported numbers)")
     p.add_argument("--steps", type=int, default=2, help="sampler steps per image (default 2)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels; the latent is size/8 (default 512)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (overrides --size)")
@@ -93,8 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name (default normal)")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (default 7.5; != 1 gives batch-2 UNet calls)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, conds, random weights and pruning (default 0)")
-    p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma-separated list (default: {DEFAULT_VARIANTS})")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated list (default: {DEFAULT_VARIANTS}; with --family mmdit: "
+                        f"{DEFAULT_DIT_VARIANTS})")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant, fastest kept (default 1)")
     p.add_argument("--skip-rerun", action="store_true",
                     help="skip the final unpatched drift-check run (saves one unpatched run at long step counts)")
@@ -119,7 +166,35 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive multiple of 8 (got {v})")
     if args.steps < 1 or args.repeats < 1:
         p.error("--steps and --repeats must be >= 1")
+    if args.variants is None:
+        args.variants = DEFAULT_DIT_VARIANTS if args.family == "mmdit" else DEFAULT_VARIANTS
+    if args.dit_depth < 1:
+        p.error(f"--dit-depth must be >= 1 (got {args.dit_depth})")
+    if args.checkpoint and args.family != "sd15":
+        p.error("--family chooses the random-weight model; with --checkpoint the checkpoint decides the family")
+    try:
+        variants = [parse_variant(s) for s in args.variants.split(",") if s.strip()]
+        if args.profile:
+            variants.append(parse_variant(args.profile))
+    except ValueError as e:
+        p.error(str(e))
+    if args.family == "mmdit":
+        problem = family_problem(variants, "mmdit")
+        if problem:
+            p.error(problem)
     return args
+
+
+def family_problem(variants, family: str) -> str | None:
+    """Why some of ``variants`` cannot run on a model of ``family`` ("unet", "mmdit", "flux"), or None."""
+    if family == "unet":
+        return None
+    bad = [v for v in variants if v.method not in DIT_METHODS]
+    if not bad:
+        return None
+    why = "; ".join(f"{v.spec}: {UNET_ONLY_METHODS.get(v.method, 'not a DiT method')}" for v in bad)
+    return (f"UNet-only variant(s) asked for on the {family} (a DiT): {why}. On a DiT the benchmark runs "
+            f"unpatched, cat@R (CAT Pruning), lazycache@T and easycache@T (ComfyUI core caches).")
 
 
 @dataclass
@@ -139,8 +214,9 @@ class Variant:
 CACHE_METHODS = {
     "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, aggressive)",
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
-    "cat": "keep_ratio of CATPruneCache (warmup 6)",
+    "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds2/ds4/ds8 = max_downsample (coarser levels too)",
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
+    "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
 }
 
 
@@ -160,6 +236,10 @@ def parse_variant(spec: str) -> Variant:
             v.preset = "dato_" + (mods[0] if mods else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
+        elif method == "cat" and mods:
+            if len(mods) != 1 or mods[0] not in ("ds1", "ds2", "ds4", "ds8"):
+                raise ValueError(f"variant {spec!r}: cat takes one modifier, ds1/ds2/ds4/ds8")
+            v.max_downsample = mods[0][2:]
         return v
     if method not in ("tome", "sito", "random"):
         raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "
@@ -279,6 +359,71 @@ def build_random_sd15(seed: int, tiny: bool = False):
     return patcher, info
 
 
+def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False):
+    """An SD3-medium-shaped MMDiT from ComfyUI's own classes, fp32, seeded random weights.
+
+    ``comfy.supported_models.SD3`` -> ``comfy.model_base.SD3`` (flow matching, shift 3) ->
+    ``OpenAISignatureMMDITWrapper``, as ComfyUI builds it from a real SD3 checkpoint: every joint
+    block has the real SD3-medium shape (hidden 1536 = 24 heads x 64, MLP 4x, both streams), the
+    patch embedding, pos_embed table, pooled/context embedders and final layer are the real ones;
+    only the number of joint blocks is ``blocks`` instead of 24 (the last one text-"pre_only", as in
+    the real model). ``tiny``: hidden 256 (4 heads) for smoke tests.
+
+    Weights: ``make_checkpoint.seeded_fill_``, the initialisation of tests/tiny_models.py
+    (variance-preserving matrices, extra gain on the q/k rows so attention is peaked, and the
+    fixed sin/cos pos_embed table of ComfyUI's own generator).
+    """
+    import copy
+
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from make_checkpoint import seeded_fill_  # scripts/ is on sys.path after bootstrap()
+
+    cfg = copy.deepcopy(SD3_MEDIUM_CONFIG)
+    if tiny:
+        cfg["depth"] = TINY_MMDIT_WIDTH_UNITS
+        cfg["context_embedder_config"]["params"]["out_features"] = 64 * TINY_MMDIT_WIDTH_UNITS
+    cfg["num_blocks"] = blocks
+    mc = comfy.supported_models.SD3(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    seeded_fill_(model.diffusion_model, seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+    dm = model.diffusion_model
+    info = {
+        "source": "random", "family": "SD3-MMDiT" + ("-tiny" if tiny else ""), "seed": seed, "arch": "mmdit",
+        "shape": "tiny (hidden 256)" if tiny else "SD3 medium per-block shape",
+        "joint_blocks": len(dm.joint_blocks), "real_joint_blocks": SD3_MEDIUM_BLOCKS,
+        "hidden_size": dm.hidden_size, "heads": dm.num_heads, "head_dim": dm.hidden_size // dm.num_heads,
+        "patch_size": cfg["patch_size"], "latent_channels": cfg["in_channels"],
+        "context": [SD3_TEXT_TOKENS, cfg["context_embedder_config"]["params"]["in_features"]],
+        "pooled": cfg["adm_in_channels"], "pos_embed_max_size": cfg["pos_embed_max_size"],
+        "init": "make_checkpoint.seeded_fill_",
+    }
+    return patcher, info
+
+
+def build_model(args):
+    """The benchmarked model: a checkpoint, or the random-weight model of ``--family``."""
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint)
+    if args.family == "mmdit":
+        return build_random_mmdit(args.seed, blocks=args.dit_depth, tiny=args.tiny)
+    return build_random_sd15(args.seed, tiny=args.tiny)
+
+
+def model_family(patcher) -> str:
+    """"unet", "mmdit" or "flux" (the pack's adapter decides, as the nodes do)."""
+    from token_pruning_cache.nodes import adapter
+    if adapter.attention_levels(patcher):
+        return "unet"
+    return adapter.dit_family(patcher) or "unknown"
+
+
 def load_checkpoint(path: str):
     import comfy.sd
     out = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, output_clipvision=False,
@@ -294,19 +439,26 @@ def make_inputs(patcher, width: int, height: int, seed: int):
     """Latent, noise and random text conds of the right shape for this model (same for every variant)."""
     import torch
     import comfy.sample
+    import comfy.model_base
     unet_cfg = patcher.model.model_config.unet_config
     ctx_dim = unet_cfg.get("context_dim") or 768
+    tokens, pooled = 77, None
+    if isinstance(patcher.model, comfy.model_base.SD3):
+        # SD3: CLIP-L+G (padded to 4096) and T5 tokens concatenated, 77 + 77; pooled CLIP-L+G 2048 -> y
+        ctx_dim = unet_cfg["context_embedder_config"]["params"]["in_features"]
+        tokens, pooled = SD3_TEXT_TOKENS, unet_cfg.get("adm_in_channels") or 2048
+    elif unet_cfg.get("adm_in_channels"):  # SDXL-type: pooled text embedding for the ADM vector
+        pooled = 1280
     channels = patcher.model.latent_format.latent_channels
     latent = torch.zeros(1, channels, height // 8, width // 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     g = torch.Generator().manual_seed(seed + 1000)
-    extra = {}
-    if unet_cfg.get("adm_in_channels"):  # SDXL-type: pooled text embedding for the ADM vector
-        extra = lambda: {"pooled_output": torch.randn(1, 1280, generator=g)}  # noqa: E731
+    if pooled:
+        extra = lambda: {"pooled_output": torch.randn(1, pooled, generator=g)}  # noqa: E731
     else:
         extra = lambda: {}  # noqa: E731
-    pos = [[torch.randn(1, 77, ctx_dim, generator=g), extra()]]
-    neg = [[torch.randn(1, 77, ctx_dim, generator=g), extra()]]
+    pos = [[torch.randn(1, tokens, ctx_dim, generator=g), extra()]]
+    neg = [[torch.randn(1, tokens, ctx_dim, generator=g), extra()]]
     return latent, noise, pos, neg
 
 
@@ -364,12 +516,79 @@ def patch(base, v: Variant, seed: int):
         return apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed)
     if v.method == "cat":
         from token_pruning_cache.nodes.cat_node import apply_cat
-        return apply_cat(base, keep_ratio=v.ratio, seed=seed)
+        return apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, seed=seed)
     if v.method == "easycache":
         from comfy_extras.nodes_easycache import EasyCacheNode
         return EasyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
                                      verbose=False).result[0]
+    if v.method == "lazycache":
+        from comfy_extras.nodes_easycache import LazyCacheNode
+        return LazyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
+                                     verbose=False).result[0]
     raise ValueError(v.method)
+
+
+def diffusion_model_wrappers_run(base, pos, neg) -> bool:
+    """Does this model's forward call ComfyUI's DIFFUSION_MODEL wrappers (which EasyCache needs)?
+
+    Not every model class does: in ComfyUI 0.3.75 the UNet, Flux and most video DiTs run them, the
+    SD3 MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) does not - there EasyCache installs
+    without error and never skips a step. One model call on an 8x8 latent with a probe wrapper.
+    """
+    import torch
+    import comfy.patcher_extension
+    import comfy.sample
+
+    hits = []
+
+    def probe(executor, *args, **kwargs):
+        hits.append(1)
+        return executor(*args, **kwargs)
+
+    m = base.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench.probe", probe)
+    latent = torch.zeros(1, base.model.latent_format.latent_channels, 8, 8)
+    comfy.sample.sample(m, torch.zeros_like(latent), 1, 1.0, "euler", "normal", pos, neg, latent, seed=0,
+                        disable_pbar=True)
+    return bool(hits)
+
+
+class CoreCacheLog(logging.Handler):
+    """Reads the "EasyCache - skipped N/M steps" line ComfyUI's EasyCache / LazyCache log at the end
+    of a run (root logger, INFO), without letting other INFO lines through to the console."""
+
+    PATTERN = re.compile(r"\b(EasyCache|LazyCache) - skipped (\d+)/(\d+) steps")
+
+    def __init__(self, verbose: bool):
+        super().__init__(logging.INFO)
+        self.verbose = verbose
+        self.line, self.skipped, self.total = None, None, None
+
+    def emit(self, record):
+        msg = record.getMessage()
+        m = self.PATTERN.search(msg)
+        if m:
+            self.line, self.skipped, self.total = msg, int(m.group(2)), int(m.group(3))
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._level = root.level
+        threshold = root.getEffectiveLevel()
+        self._gate = lambda record: self.verbose or record.levelno >= threshold
+        self._gated = list(root.handlers)
+        for h in self._gated:
+            h.addFilter(self._gate)
+        root.addHandler(self)
+        root.setLevel(min(threshold, logging.INFO))
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
+        for h in self._gated:
+            h.removeFilter(self._gate)
+        return False
 
 
 def schedule_ideal(v: Variant, steps: int, shallow_cost: float = 0.13) -> float | None:
@@ -515,6 +734,7 @@ class Result:
     unet_batch: list = field(default_factory=list)
     pack_summary: str | None = None
     ideal: float | None = None  # ideal speedup of a caching variant (schedule or FLOPs model)
+    pruned_flops: float | None = None  # cat: FLOPs of one pruned CFG model call (3-step probe)
     latent: object = None  # torch.Tensor, not serialised
 
 
@@ -542,18 +762,29 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         variants = [variants[0]] + [v for v in variants[1:] if v.method != "unpatched"]
 
     t0 = time.perf_counter()
-    if args.checkpoint:
-        base, model_info = load_checkpoint(args.checkpoint)
-    else:
-        base, model_info = build_random_sd15(args.seed, tiny=args.tiny)
+    base, model_info = build_model(args)
     dm = base.model.diffusion_model
-    model_info["unet_parameters"] = sum(p.numel() for p in dm.parameters())
+    family = model_family(base)
+    model_info["arch"] = family
+    model_info["unet_parameters"] = sum(p.numel() for p in dm.parameters())  # the diffusion model's
     model_info["dtype"] = str(next(dm.parameters()).dtype)
     model_info["build_seconds"] = round(time.perf_counter() - t0, 2)
-    log.info("model ready (%s, %.0f M parameters) in %.1f s", model_info["source"],
+    log.info("model ready (%s %s, %.0f M parameters) in %.1f s", model_info["source"], model_info["family"],
              model_info["unet_parameters"] / 1e6, model_info["build_seconds"])
+    problem = family_problem(variants, family)
+    if problem:
+        raise SystemExit(problem)
 
     latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed)
+    if family != "unet":
+        model_info["image_tokens"] = ((latent.shape[2] + 1) // 2) * ((latent.shape[3] + 1) // 2)  # patch 2
+        model_info["text_tokens"] = int(pos[0][0].shape[1])
+    if any(v.method == "easycache" for v in variants) and not diffusion_model_wrappers_run(base, pos, neg):
+        raise SystemExit(
+            f"easycache: ComfyUI's EasyCache works through the DIFFUSION_MODEL wrapper, which this model's "
+            f"forward ({type(dm).__name__}, ComfyUI {_comfyui_version()}) never calls: it would skip "
+            f"no step and its row would repeat the unpatched one. Use lazycache@T instead (ComfyUI's LazyCache: "
+            f"the same reuse rule at the PREDICT_NOISE level, which every model runs).")
     calls = UNetCalls(dm)
 
     def sample(model, steps):
@@ -574,12 +805,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             res.ideal = schedule_ideal(v, args.steps)
             if v.method == "cat" and not args.no_flops and ref_flops:
                 from token_pruning_cache.nodes.cat_node import apply_cat
-                probe = apply_cat(base, keep_ratio=v.ratio, warmup_steps=0, seed=args.seed)
+                probe = apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, warmup_steps=0,
+                                  seed=args.seed)
                 with FlopCounterMode(display=False) as fc:  # reference, clustering, one pruned step
                     sample(probe, 3)
                 pruned = max(float(fc.get_total_flops()) - 2 * ref_flops[0], 1.0)
                 full_steps = min(args.steps, 8)
                 res.ideal = args.steps * ref_flops[0] / (full_steps * ref_flops[0] + (args.steps - full_steps) * pruned)
+                res.pruned_flops = pruned
+                res.options.update(full_steps=full_steps, pruned_steps=args.steps - full_steps)
+                log.info("%-18s flops of one pruned model call: %.1f G (unpatched %.1f G)", label, pruned / 1e9,
+                         ref_flops[0] / 1e9)
             return model, res
         if not args.no_flops:
             # One CFG model call (steps=1 -> one euler step) through the real sampler, patches live.
@@ -597,11 +833,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         pack_log.lines.clear()
         calls.reset()
         wait0, load0 = cpu_wait_seconds(), os.getloadavg()[0]
-        with PeakRSS() as mem:
+        with CoreCacheLog(args.verbose) as core_log, PeakRSS() as mem:
             t = time.perf_counter()
             out = sample(model, args.steps)
             dt = time.perf_counter() - t
         wait = cpu_wait_seconds() - wait0
+        if core_log.line is not None and res.method in ("easycache", "lazycache"):
+            # A reused step runs no model call; every other step is a full one: steps / computed steps.
+            computed = core_log.total - core_log.skipped
+            res.ideal = core_log.total / computed if computed > 0 else math.inf
+            res.options.update(skipped_steps=core_log.skipped, of_steps=core_log.total)
         res.seconds_all.append(dt)
         res.cpu_wait_all.append(wait)
         res.loadavg_all.append(round(max(load0, os.getloadavg()[0]), 2))
@@ -611,7 +852,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         res.seconds = min(res.seconds_all)
         res.peak_rss_delta_mib = max(res.peaks) / 2**20
         res.unet_calls, res.unet_batch = calls.calls, sorted(calls.batches)
-        res.pack_summary = pack_log.lines[-1] if pack_log.lines else None
+        res.pack_summary = pack_log.lines[-1] if pack_log.lines else core_log.line
         log.info("%-18s %7.2f s/image  (waited %.1f s for a CPU, load %.1f)", res.spec, dt, wait, res.loadavg_all[-1])
 
     # FLOPs pass of every variant first (it doubles as the warm-up), then the timed runs in
@@ -648,7 +889,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "seconds_per_step": r.seconds / args.steps,
             "speedup": ref_seconds / r.seconds,
             "flops_per_model_call": r.flops,
+            "flops_per_pruned_call": r.pruned_flops,
             "flops_ideal_speedup": (ref.flops / r.flops) if (r.flops and ref.flops) else r.ideal,
+            "flops_ideal_basis": _ideal_basis(r),
             "peak_rss_delta_mib": r.peak_rss_delta_mib,
             "rel_error": rel,
             "finite": bool(torch.isfinite(r.latent).all()),
@@ -674,13 +917,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "cpu_count": os.cpu_count(),
             "speedup_reference": "fastest of the first and the final unpatched run",
             "peak_memory_method": PeakRSS.method,
+            "family": family, "comfyui": _comfyui_version(),
         },
         "model": model_info,
         "code": _git_state(),
         "unpatched_drift": {
             "first_seconds": ref.seconds, "rerun_seconds": drift.seconds,
             "drift_percent": 100.0 * (drift.seconds - ref.seconds) / ref.seconds,
-            "rerun_rel_error": drift_row["rel_error"],
+            "rerun_rel_error": drift_row["rel_error"], "rerun_skipped": bool(args.skip_rerun),
         },
         "contention": contention(results + [drift]),
         "results": rows,
@@ -699,7 +943,10 @@ class _Labels:
 
     Module hooks label every transformer block and its attn1/attn2/ff by token-grid level;
     the planners (SiTo's ``sito_plan``, ToMe's matching), ``PrunePlan.prune``/``recover`` and
-    ToMe's merge/unmerge are wrapped in place for the duration of the profile.
+    ToMe's merge/unmerge are wrapped in place for the duration of the profile. On an MMDiT:
+    every joint block, the image ("img") and text ("txt") streams' qkv / proj / mlp / adaLN
+    linears, the joint attention kernel (``mmdit.optimized_attention``), and CAT's selection
+    (``CATState``) and final latent merge.
     """
 
     def __init__(self, dm):
@@ -720,11 +967,11 @@ class _Labels:
         setattr(obj, name, self.wrap(orig, label))
         self.undo.append((obj, name, orig))
 
-    def hook(self, module, label_fn):
+    def hook(self, module, label_fn, arg: int = 0):
         import torch
 
         def pre(mod, args, kwargs):
-            x = args[0] if args else kwargs.get("x")
+            x = args[arg] if len(args) > arg else kwargs.get("x")
             rf = torch.profiler.record_function(label_fn(x))
             rf.__enter__()
             self.open.setdefault(id(mod), []).append(rf)
@@ -749,6 +996,30 @@ class _Labels:
                 self.hook(mod.attn1, lambda x: f"attn1 module [{level(x)}]")
                 self.hook(mod.attn2, lambda x: f"attn2 module [{level(x)}]")
                 self.hook(mod.ff, lambda x: f"ff module [{level(x)}]")
+            elif type(mod).__name__ == "JointBlock":  # MMDiT: called as block(context, x, c=...)
+                self.hook(mod, lambda x: f"joint block [{level(x)} img]", arg=1)
+                for stream, sub in (("img", mod.x_block), ("txt", mod.context_block)):
+                    for part in ("attn.qkv", "attn.proj", "mlp", "adaLN_modulation"):
+                        try:  # the last block's text stream is "pre_only": no proj, no mlp
+                            m = sub.get_submodule(part)
+                        except AttributeError:
+                            continue
+                        self.hook(m, lambda x, s=stream, q=part: f"{s} {q} [{level(x)}]")
+        if any(type(m).__name__ == "JointBlock" for m in self.dm.modules()):
+            import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+            from token_pruning_cache.nodes import adapter
+            from token_pruning_cache.pruning_core import cat as cat_core
+            orig_attn = mmdit.optimized_attention
+
+            def joint_attention(q, k, v, *a, **kw):
+                import torch
+                with torch.profiler.record_function(f"attention core [{q.shape[1]} q x {k.shape[1]} kv]"):
+                    return orig_attn(q, k, v, *a, **kw)
+            mmdit.optimized_attention = joint_attention
+            self.undo.append((mmdit, "optimized_attention", orig_attn))
+            for name in ("set_reference", "first_selection", "next_selection"):
+                self.patch_attr(cat_core.CATState, name, f"select: CAT {name}")
+            self.patch_attr(adapter, "_latent_mask", "gather: CAT latent mask")
         self.patch_attr(sito_node, "sito_plan", "select: sito_plan")
         self.patch_attr(recovery.PrunePlan, "prune", "gather: PrunePlan.prune")
         self.patch_attr(recovery.PrunePlan, "recover", "gather: PrunePlan.recover")
@@ -777,44 +1048,84 @@ def run_profile(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
     logging.getLogger(PACK_ALIAS).setLevel(logging.WARNING)
-    if args.checkpoint:
-        base, _ = load_checkpoint(args.checkpoint)
-    else:
-        base, _ = build_random_sd15(args.seed, tiny=args.tiny)
+    base, _ = build_model(args)
+    problem = family_problem([parse_variant(args.profile)], model_family(base))
+    if problem:
+        raise SystemExit(problem)
     latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed)
+    bm = base.model
 
-    def sample(model):
-        return comfy.sample.sample(model, noise, 1, args.cfg, args.sampler, args.scheduler, pos, neg, latent,
+    def sample(model, steps):
+        return comfy.sample.sample(model, noise, steps, args.cfg, args.sampler, args.scheduler, pos, neg, latent,
                                    seed=args.seed, disable_pbar=True)
 
     out = {}
     specs = ["unpatched"] + ([args.profile] if args.profile != "unpatched" else [])
     for spec in specs:
         v = parse_variant(spec)
-        model = patch(base, v, args.seed)
-        sample(model)  # warm-up
-        wait0 = cpu_wait_seconds()
-        with _Labels(base.model.diffusion_model):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                with torch.profiler.record_function("model call (1 CFG step)"):
-                    t = time.perf_counter()
-                    sample(model)
-                    wall = time.perf_counter() - t
-        wait = cpu_wait_seconds() - wait0
+        if v.method == "cat":
+            # CAT's full steps cost what unpatched ones do; profile its first pruned step instead:
+            # warmup 0 -> step 1 reference, step 2 clustering, step 3 pruned.
+            from token_pruning_cache.nodes.cat_node import apply_cat
+            extra = {} if v.max_downsample == "auto" else {"max_downsample": v.max_downsample}
+            model = apply_cat(base, keep_ratio=v.ratio, warmup_steps=0, seed=args.seed, **extra)
+            steps, what = 3, "its first pruned step (step 3 of a warmup-0 run)"
+            dit = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+            for key, fn in list(dit.items()):  # the clone's own dict: label the block replacement as a whole
+                dit[key] = _Labels.wrap(fn, "dit block replace (CAT: joint block + gather/scatter)")
+        else:
+            model, steps, what = patch(base, v, args.seed), 1, "one step"
+        sample(model, steps)  # warm-up
+        # Profile exactly the model call(s) of the last step (apply_model with every wrapper, so CAT's
+        # selection and latent merge are in; CFG normally batches cond and uncond into one call).
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        sigmas, timing = [], {"wall": 0.0, "calls": 0, "batch": []}
+        orig = bm.apply_model
+
+        def apply_model(*a, **k):
+            t = a[1] if len(a) > 1 else k.get("t")
+            key = round(float(t.flatten()[0]), 6)
+            if key not in sigmas:
+                sigmas.append(key)
+            if len(sigmas) != steps:
+                return orig(*a, **k)
+            if timing["calls"] == 0:
+                timing["wait0"] = cpu_wait_seconds()
+                prof.start()
+            with torch.profiler.record_function("model call (1 CFG step)"):
+                t0 = time.perf_counter()
+                result = orig(*a, **k)
+                timing["wall"] += time.perf_counter() - t0
+            timing["calls"] += 1
+            timing["batch"].append(int(a[0].shape[0]))
+            return result
+
+        bm.apply_model = apply_model
+        try:
+            with _Labels(bm.diffusion_model):
+                sample(model, steps)
+        finally:
+            del bm.apply_model
+            if timing["calls"]:
+                prof.stop()
+        wall, wait = timing["wall"], cpu_wait_seconds() - timing.get("wait0", cpu_wait_seconds())
         ev = prof.key_averages()
         labels = {e.key: (e.cpu_time_total / 1e3, e.count) for e in ev
-                  if e.key.startswith(("block", "attn1", "attn2", "ff ", "select:", "gather:", "model call"))}
+                  if e.key.startswith(("block", "attn1", "attn2", "ff ", "select:", "gather:", "model call",
+                                       "joint block", "img ", "txt ", "attention core", "dit block"))}
         ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ev if e.key.startswith("aten::")),
                      key=lambda r: -r[1])[:15]
-        out[spec] = {"wall_seconds": wall, "cpu_wait_seconds": wait, "regions_ms": labels, "top_ops_self_ms": ops}
-        print(f"\n== {spec}: one CFG model call, {wall:.2f} s wall (threads waited {wait:.1f} s for a CPU) ==")
+        out[spec] = {"profiled": what, "model_calls": timing["calls"], "batch": timing["batch"],
+                     "wall_seconds": wall, "cpu_wait_seconds": wait, "regions_ms": labels, "top_ops_self_ms": ops}
+        print(f"\n== {spec}: {what}, {timing['calls']} CFG model call(s) of batch {timing['batch']}, "
+              f"{wall:.2f} s wall (threads waited {wait:.1f} s for a CPU) ==")
         total = labels.get("model call (1 CFG step)", (wall * 1e3, 1))[0]
         for key in sorted(labels, key=lambda k: (not k.startswith("model"), -labels[k][0])):
             ms, n = labels[key]
-            print(f"  {key:42s} {ms:10.1f} ms  {100 * ms / total:5.1f} %  ({n} calls)")
+            print(f"  {key:52s} {ms:10.1f} ms  {100 * ms / total:5.1f} %  ({n} calls)")
         print("  top aten ops by self time:")
         for key, ms, n in ops:
-            print(f"    {key:40s} {ms:10.1f} ms  {100 * ms / total:5.1f} %  ({n} calls)")
+            print(f"    {key:50s} {ms:10.1f} ms  {100 * ms / total:5.1f} %  ({n} calls)")
         del model
     return out
 
@@ -822,6 +1133,29 @@ def run_profile(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------
+
+def _ideal_basis(r) -> str | None:
+    """How a row's FLOPs-ideal speedup was obtained (the caching variants' differ from the per-call ratio)."""
+    if r.flops is not None:
+        return "FLOPs of one CFG model call: unpatched / variant"
+    if r.method == "cat" and r.pruned_flops is not None:
+        o = r.options
+        return (f"{o['full_steps']} full + {o['pruned_steps']} pruned model calls, the pruned call's FLOPs counted "
+                f"on a 3-step warmup-0 probe")
+    if r.method in ("dato", "deepcache") and r.ideal is not None:
+        return "DaTo schedule: steps / (full + 0.13 x shallow), reused steps free (pruning not included)"
+    if r.method in ("easycache", "lazycache") and r.ideal is not None:
+        return "steps / computed steps (a reused step runs no model call)"
+    return None
+
+
+def _comfyui_version() -> str | None:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return None
+
 
 def contention(results) -> dict:
     """How much other load disturbed the kept (fastest) timed runs: CPU wait / wall time."""
@@ -861,29 +1195,50 @@ def _fmt(x, spec: str, none: str = "–") -> str:
 
 def markdown(report: dict) -> str:
     c, m, d = report["config"], report["model"], report["unpatched_drift"]
-    model = (f"{'TINY ' if m['family'].endswith('-tiny') else ''}SD1.5-architecture UNet, "
-             f"{m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights"
-             if m["source"] == "random" else f"checkpoint `{Path(m['path']).name}` ({m['family']})")
+    tiny = "TINY " if m["family"].endswith("-tiny") else ""
+    if m["source"] != "random":
+        model = f"checkpoint `{Path(m['path']).name}` ({m['family']})"
+    elif m.get("arch") == "mmdit":
+        shape = ("the real SD3-medium block shape" if not tiny
+                 else f"hidden {m['hidden_size']} instead of SD3 medium's 1536")
+        model = (f"{tiny}SD3-medium-shaped MMDiT (ComfyUI `model_base.SD3`): {m['joint_blocks']} of SD3 medium's "
+                 f"{m['real_joint_blocks']} joint blocks at {shape} (hidden {m['hidden_size']} = {m['heads']} heads × "
+                 f"{m['head_dim']}, patch {m['patch_size']}, {m['latent_channels']} latent channels, text context "
+                 f"{m['context'][0]}×{m['context'][1]}, pooled {m['pooled']}), "
+                 f"{m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights")
+    else:
+        model = f"{tiny}SD1.5-architecture UNet, {m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights"
+    tokens = (f" = {m['image_tokens']} image + {m['text_tokens']} text tokens" if m.get("image_tokens") else "")
+    rerun_skipped = report["unpatched_drift"].get("rerun_skipped", False)
     lines = [
         f"{model}, {m['dtype'].replace('torch.', '')}; {c['width']}×{c['height']} "
-        f"(latent {c['latent'][3]}×{c['latent'][2]}), {c['sampler']}/{c['scheduler']}, {c['steps']} steps, "
+        f"(latent {c['latent'][3]}×{c['latent'][2]}{tokens}), {c['sampler']}/{c['scheduler']}, {c['steps']} steps, "
         f"CFG {c['cfg']:g}, seed {c['seed']}; torch {c['torch']} on {c['threads']} CPU threads, "
         f"ComfyUI attention `{c['attention']}`, fastest of {c['repeats']} run(s).",
         "",
         "| variant | s / image | speedup | FLOPs-ideal speedup | peak RAM Δ (MiB) | rel. error vs unpatched |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in report["results"] + [report["unpatched_rerun"]]:
+    for r in report["results"] + ([] if rerun_skipped else [report["unpatched_rerun"]]):
         err = "0 (reference)" if r is report["results"][0] else f"{100 * r['rel_error']:.2f} %"
         lines.append(f"| {r['variant']} | {r['seconds_per_image']:.2f} | {r['speedup']:.2f}× | "
                      f"{_fmt(r['flops_ideal_speedup'], '.2f')}{'×' if r['flops_ideal_speedup'] else ''} | "
                      f"{r['peak_rss_delta_mib']:.0f} | {err} |")
+    drift_text = ("no re-run (--skip-rerun)" if rerun_skipped else
+                  f"{d['first_seconds']:.2f} s first, {d['rerun_seconds']:.2f} s re-run at the end: "
+                  f"drift {d['drift_percent']:+.1f} %")
+    cache_notes = []
+    for r in report["results"]:
+        basis = r.get("flops_ideal_basis")
+        if basis and not basis.startswith("FLOPs of one CFG model call") and r["flops_ideal_speedup"]:
+            cache_notes.append(f"{r['variant']}: {basis}")
     lines += [
         "",
-        f"Speedup = fastest unpatched run / variant (unpatched {d['first_seconds']:.2f} s first, "
-        f"{d['rerun_seconds']:.2f} s re-run at the end: drift {d['drift_percent']:+.1f} %). "
+        f"Speedup = fastest unpatched run / variant (unpatched {drift_text}). "
         "FLOPs-ideal = FlopCounterMode FLOPs of one CFG model call, unpatched / variant "
-        "(matmuls, convs, attention; not element-wise work, sorts or gathers). "
+        "(matmuls, convs, attention; not element-wise work, sorts or gathers)"
+        + (f"; for the caching rows the FLOPs of the whole run: {'; '.join(cache_notes)}" if cache_notes else "")
+        + ". "
         "Peak RAM Δ = peak resident set during the timed run minus RSS before it "
         f"({c['peak_memory_method']}). Rel. error = ‖x − x_ref‖ / ‖x_ref‖ of the final latent.",
     ]

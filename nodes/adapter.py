@@ -652,6 +652,7 @@ class _CatCall(threading.local):
     chunk: tuple | None = None
     selection: torch.Tensor | None = None  # [S] sorted token indices, None on full steps
     n_tokens: int = 0  # tokens of the selection's grid (image tokens on DiTs)
+    levels: dict | None = None  # UNet: tokens of each coarser eligible level -> the selection pooled to it
     keep_attn2: bool = False  # an attn2 replace patch (IPAdapter style) expects every query
 
 
@@ -673,6 +674,32 @@ def _token_grid_of_latent(h: int, w: int, factor: int) -> TokenGrid:
     return TokenGrid(h, w)
 
 
+def _coarser_selections(selection: torch.Tensor | None, grid: TokenGrid, halvings: int) -> dict:
+    """The selection carried to the next ``halvings`` coarser UNet levels: a token there is
+    recomputed when any token it covers is (2x2 max-pooling, ceil for odd sizes as the UNet's
+    stride-2 convolutions do). Keys are token counts, which identify the level of a call."""
+    out, h, w = {}, grid.h, grid.w
+    mask = None
+    if selection is not None:
+        mask = torch.zeros(grid.n, device=selection.device).index_fill_(0, selection, 1.0).reshape(1, 1, h, w)
+    for _ in range(halvings):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        if mask is not None:
+            mask = torch.nn.functional.max_pool2d(mask, 2, ceil_mode=True)
+        out[h * w] = None if mask is None else mask.flatten().nonzero().flatten()
+    return out
+
+
+def _cat_level(n_tokens: int) -> tuple[bool, torch.Tensor | None]:
+    """(eligible, selection) for a token sequence of this call: the selection's own grid, or a
+    coarser UNet level it was pooled to; (False, None) for anything else."""
+    if n_tokens == _CAT.n_tokens:
+        return True, _CAT.selection
+    if _CAT.levels and n_tokens in _CAT.levels:
+        return True, _CAT.levels[n_tokens]
+    return False, None
+
+
 def _latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> torch.Tensor:
     """``[1, 1, h, w]`` bool: latent positions covered by selected tokens."""
     m = torch.zeros(grid.n, dtype=torch.bool, device=selection.device).index_fill_(0, selection, True)
@@ -683,8 +710,10 @@ def _latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> to
 
 
 def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], warmup_steps: int,
-                family: str, factor: int = 1) -> None:
-    """Install CAT for ``uid``. ``family`` is "unet", "mmdit" or "flux"; ``factor`` the UNet level.
+                family: str, factor: int = 1, max_downsample: int | None = None) -> None:
+    """Install CAT for ``uid``. ``family`` is "unet", "mmdit" or "flux"; ``factor`` the UNet level
+    the selection is made on (its highest-resolution attention level); ``max_downsample`` the
+    coarsest UNet level pruned with it (default: that level only).
 
     ``policy_factory(grid)`` returns a fresh per-run selection policy (``pruning_core.cat.CATState``).
     """
@@ -692,6 +721,8 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
 
     W = _wrappers()
     token_factor = factor if family == "unet" else 2  # DiTs here patchify 2x2
+    max_downsample = max(max_downsample or factor, factor) if family == "unet" else factor
+    halvings = max_downsample.bit_length() - factor.bit_length()
 
     def apply_model_wrapper(executor, *args, **kwargs):
         to = _transformer_options(args, kwargs)
@@ -716,13 +747,15 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
         keep_attn2 = bool((to.get("patches_replace") or {}).get("attn2"))
         if keep_attn2 and selection is not None:
             state.skip("an attn2 replace patch (IPAdapter style) is present, so cross-attention ran on all tokens")
-        previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2)
+        previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2, _CAT.levels)
         _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = uid, state, chunk, selection, grid.n
         _CAT.keep_attn2 = keep_attn2
+        _CAT.levels = _coarser_selections(selection, grid, halvings) if halvings > 0 else None
         try:
             out = executor(*args, **kwargs)
         finally:
-            (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2) = previous
+            (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2,
+             _CAT.levels) = previous
         prev_out = cat["previous"].get(chunk)
         if selection is not None and prev_out is not None and prev_out.shape == out.shape:
             out = torch.where(_latent_mask(selection, grid, out.shape[-2], out.shape[-1]), out, prev_out)
@@ -749,17 +782,17 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
 
     model.add_wrapper_with_key(W.APPLY_MODEL, f"{WRAPPER_PREFIX}.{uid}", apply_model_wrapper)
     if family == "unet":
-        _install_cat_unet(model, uid, factor)
+        _install_cat_unet(model, uid, max_downsample)
     else:
         _install_cat_dit(model, uid, family)
 
 
-def _cat_cache(key) -> tuple[dict, torch.Tensor | None] | tuple[None, None]:
-    """This call's cache dict for ``key`` and the selection (None on full steps)."""
+def _cat_cache(key) -> dict | None:
+    """This call's cache dict for ``key`` (per cond/uncond chunk)."""
     if _CAT.state is None:
-        return None, None
+        return None
     caches = _CAT.state.extra.setdefault("cat_cache", {})
-    return caches.setdefault((_CAT.chunk, key), {}), _CAT.selection
+    return caches.setdefault((_CAT.chunk, key), {})
 
 
 def _merge_or_store(cache: dict, slot: str, out: torch.Tensor, selection, n_tokens: int) -> torch.Tensor:
@@ -773,12 +806,13 @@ def _merge_or_store(cache: dict, slot: str, out: torch.Tensor, selection, n_toke
 
 
 def _cat_ready(cache: dict, n: torch.Tensor, selection, slots: tuple[str, ...]) -> bool:
-    if selection is None or n.dim() != 3 or n.shape[1] != _CAT.n_tokens:
+    """A pruned step can run: there is a selection and the last full step left every slot's tensor."""
+    if selection is None or cache is None or n.dim() != 3:
         return False
     return all(s in cache and cache[s].shape[0] == n.shape[0] and cache[s].shape[1] == n.shape[1] for s in slots)
 
 
-def _install_cat_unet(model, uid: str, factor: int) -> None:
+def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
     pending = _BlockPlans()  # reuse the per-thread slots: attn1 = the selection for this block call
 
     def key(extra, name):
@@ -786,10 +820,11 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
 
     def attn1_in(n, context, value, extra):
         pending.attn1 = None
-        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens:
+        eligible, selection = _cat_level(n.shape[1]) if _CAT.uid == uid else (False, None)
+        if not eligible:
             return n, context, value
-        cache, selection = _cat_cache(key(extra, "attn1"))
-        pending.attn1 = (cache, selection if _cat_ready(cache, n, selection, ("kv", "out")) else None)
+        cache = _cat_cache(key(extra, "attn1"))
+        pending.attn1 = (cache, selection if _cat_ready(cache, n, selection, ("kv", "out")) else None, n.shape[1])
         sel = pending.attn1[1]
         if sel is None:
             if context is n:
@@ -808,19 +843,20 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
         setattr(pending, name, None)
         if slot is None:
             return n
-        cache, sel = slot
-        return _merge_or_store(cache, "out", n, sel, _CAT.n_tokens)
+        cache, sel, n_tokens = slot
+        return _merge_or_store(cache, "out", n, sel, n_tokens)
 
     def attn1_out(n, extra):
         return finish("attn1", n)
 
     def attn2_in(n, context, value, extra):
         pending.attn2 = None
-        if _CAT.uid != uid or n.shape[1] != _CAT.n_tokens or _CAT.keep_attn2:
+        eligible, selection = _cat_level(n.shape[1]) if _CAT.uid == uid else (False, None)
+        if not eligible or _CAT.keep_attn2:
             return n, context, value
-        cache, selection = _cat_cache(key(extra, "attn2"))
+        cache = _cat_cache(key(extra, "attn2"))
         sel = selection if _cat_ready(cache, n, selection, ("out",)) else None
-        pending.attn2 = (cache, sel)
+        pending.attn2 = (cache, sel, n.shape[1])
         return (n if sel is None else n.index_select(1, sel)), context, value
 
     def attn2_out(n, extra):
@@ -830,19 +866,22 @@ def _install_cat_unet(model, uid: str, factor: int) -> None:
     model.set_model_attn1_output_patch(_eager(attn1_out))
     model.set_model_attn2_patch(_eager(attn2_in))
     model.set_model_attn2_output_patch(_eager(attn2_out))
-    for path in transformer_block_paths(model, factor):
+    for path in transformer_block_paths(model, max_downsample):
         name = f"diffusion_model.{path}.ff.forward"
         model.add_object_patch(name, _eager(_cat_ff(model.get_model_object(name), uid, path)))
 
 
 def _cat_ff(original, uid: str, path: str):
     def forward(x):
-        if _CAT.uid != uid or x.dim() != 3 or x.shape[1] != _CAT.n_tokens:
+        if _CAT.uid != uid or x.dim() != 3:
             return original(x)
-        cache, selection = _cat_cache(("ff", path))
+        eligible, selection = _cat_level(x.shape[1])
+        if not eligible:
+            return original(x)
+        cache = _cat_cache(("ff", path))
         sel = selection if _cat_ready(cache, x, selection, ("out",)) else None
         out = original(x if sel is None else x.index_select(1, sel))
-        return _merge_or_store(cache, "out", out, sel, _CAT.n_tokens)
+        return _merge_or_store(cache, "out", out, sel, x.shape[1])
     return forward
 
 
@@ -874,7 +913,7 @@ def _cat_dit_block(uid: str, block_key):
         img = args["img"]
         n_img = _CAT.n_tokens
         offset = img.shape[1] - n_img  # Flux single blocks see cat(txt, img)
-        cache, selection = _cat_cache(("dit",) + tuple(block_key))
+        cache, selection = _cat_cache(("dit",) + tuple(block_key)), _CAT.selection
         if offset < 0 or (offset > 0 and "txt" in args) or args.get("attn_mask") is not None:
             return original(args)
         ready = selection is not None and "delta" in cache and cache["delta"].shape == img[:, offset:].shape

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..pruning_core.cat import CATConfig, CATState
 from . import adapter
 from ._schema import build
-from .sito_node import CATEGORY
+from .sito_node import CATEGORY, DOWNSAMPLE_CHOICES
 
 log = logging.getLogger("token_pruning_cache")
 
@@ -29,7 +29,7 @@ def cat_problem(keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0
 
 
 def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-              start_percent=0.0, end_percent=1.0, seed=0):
+              start_percent=0.0, end_percent=1.0, seed=0, max_downsample="auto"):
     """Return a clone of ``model`` with CAT Pruning installed (the input model is never modified)."""
     problem = cat_problem(keep_ratio, warmup_steps, num_clusters, cluster_share, staleness_decay, start_percent,
                           end_percent)
@@ -41,6 +41,11 @@ def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster
         log.warning("CAT Pruning: %s is not a supported model (UNet with SpatialTransformer levels, SD3 MMDiT or "
                     "Flux); model passed through unchanged.", adapter.model_class_name(model))
         return model
+    coarsest = None
+    if family == "unet":
+        coarsest, warning = adapter.resolve_max_downsample(model, str(max_downsample))
+        if warning:
+            log.warning("CAT Pruning: %s", warning)
     cfg = CATConfig(keep_ratio=keep_ratio, num_clusters=num_clusters, cluster_share=cluster_share,
                     staleness_decay=staleness_decay, seed=seed)
     m = model.clone()
@@ -53,7 +58,7 @@ def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster
                 f"{keep_ratio:.0%} of tokens recomputed per pruned step: {state.summary_levels('model calls')}")
 
     adapter.install_cat(m, uid, lambda grid: CATState(grid, cfg), warmup_steps, family,
-                        factor=levels[0] if levels else 1)
+                        factor=levels[0] if levels else 1, max_downsample=coarsest)
     adapter.install_run_lifecycle(m, uid, "cat", start_percent, end_percent, seed, summary)
     return m
 
@@ -75,6 +80,10 @@ class CATPruneCache(io.ComfyNode):
                 build(io.Float.Input, id="keep_ratio", default=0.3, min=0.05, max=1.0, step=0.05,
                       tooltip="Fraction of tokens recomputed on each pruned step (0.3 = 70% pruned, as in the paper). "
                               "1.0 recomputes everything (output identical to the unpatched model)."),
+                build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="auto",
+                      tooltip="UNets: which levels recompute only the selected tokens. auto = the highest-resolution "
+                              "level with attention (the selection's own grid); 2, 4, 8 also the coarser levels, where "
+                              "a token is recomputed when any token it covers is selected. Ignored on SD3/Flux."),
                 build(io.Int.Input, id="warmup_steps", default=6, min=0, max=1000,
                       tooltip="Full steps before the reference step; then one clustering step, then pruned steps "
                               "(official: 6, i.e. pruning starts at step 8)."),
@@ -102,8 +111,9 @@ class CATPruneCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-                start_percent=0.0, end_percent=1.0, seed=0) -> io.NodeOutput:
-        return io.NodeOutput(apply_cat(model, keep_ratio=keep_ratio, warmup_steps=warmup_steps,
+                start_percent=0.0, end_percent=1.0, seed=0, max_downsample="auto") -> io.NodeOutput:
+        return io.NodeOutput(apply_cat(model, keep_ratio=keep_ratio, max_downsample=max_downsample,
+                                       warmup_steps=warmup_steps,
                                        num_clusters=num_clusters, cluster_share=cluster_share,
                                        staleness_decay=staleness_decay, start_percent=start_percent,
                                        end_percent=end_percent, seed=seed))

@@ -13,7 +13,7 @@ from ._schema import build
 log = logging.getLogger("token_pruning_cache")
 
 CATEGORY = "model_patches/token_pruning"
-DOWNSAMPLE_CHOICES = ["auto", "1", "2", "4"]
+DOWNSAMPLE_CHOICES = ["auto", "1", "2", "4", "8"]
 
 
 def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.0, end_percent: float = 1.0,
@@ -78,7 +78,8 @@ class SiToTokenPruning(io.ComfyNode):
                               "1 - 1/(sx*sy): 0.75 with 2x2 windows. 0.5 is a good start; 0.7 is faster, softer."),
                 build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="auto",
                       tooltip="Which UNet levels are pruned. auto = the highest-resolution level that has attention "
-                              "(64x64 latent tokens on SD1.5, 32x32 on SDXL). 2 or 4 also prunes the coarser levels."),
+                              "(64x64 tokens at 512 px on SD1.5, at 1024 px on SDXL). 2, 4 or 8 also prunes the coarser levels "
+                              "(8 includes the SD1.5 middle block)."),
                 build(io.Boolean.Input, id="prune_self_attn", default=True,
                       tooltip="Run self-attention on the kept tokens only (the main speedup)."),
                 build(io.Boolean.Input, id="prune_cross_attn", default=False,

@@ -43,7 +43,7 @@ DEFAULT_COMFY_DIR = ROOT / ".comfyui"
 FORMAT_VERSION = "1"
 
 # UNet layouts, in the form comfy.model_detection.detect_unet_config returns them.
-_COMMON = {
+UNET_COMMON = {
     "use_checkpoint": False,
     "image_size": 32,
     "in_channels": 4,
@@ -57,7 +57,7 @@ _COMMON = {
 UNET_LAYOUTS = {
     # Real SD1.5: 4 levels, 2 res blocks each, attention on the first three levels.
     ("sd15", False): {
-        **_COMMON,
+        **UNET_COMMON,
         "adm_in_channels": None,
         "context_dim": 768,
         "use_linear_in_transformer": False,
@@ -70,7 +70,7 @@ UNET_LAYOUTS = {
     # Reduced SD1.5: 2 levels, 1 res block each, attention on both (the 320-channel,
     # highest-resolution level keeps its self-attention, which is what pruning targets).
     ("sd15", True): {
-        **_COMMON,
+        **UNET_COMMON,
         "adm_in_channels": None,
         "context_dim": 768,
         "use_linear_in_transformer": False,
@@ -82,7 +82,7 @@ UNET_LAYOUTS = {
     },
     # Real SDXL base.
     ("sdxl", False): {
-        **_COMMON,
+        **UNET_COMMON,
         "num_classes": "sequential",
         "adm_in_channels": 2816,
         "context_dim": 2048,
@@ -99,7 +99,7 @@ UNET_LAYOUTS = {
     # SDXL latent format - i.e. the same runtime path as SDXL base). Width is capped at
     # 640 channels to keep it small. No attention at the highest-resolution level, as in SDXL.
     ("sdxl", True): {
-        **_COMMON,
+        **UNET_COMMON,
         "num_classes": "sequential",
         "adm_in_channels": 2816,
         "context_dim": 2048,

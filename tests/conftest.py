@@ -134,3 +134,15 @@ def comfy_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Long matrices of micro-model runs: one torch thread each is faster than two fighting over
+    tiny kernels (TPC_TORCH_THREADS overrides)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("TPC_TORCH_THREADS") or 1))
+    yield
+    torch.set_num_threads(previous)

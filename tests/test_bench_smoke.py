@@ -71,3 +71,74 @@ def test_bench_smoke_full_size(tmp_path):
     report = _run(tmp_path, timeout=1800)
     _check(report)
     assert report["model"]["unet_parameters"] > 800e6
+
+
+# --------------------------------------------------------------------------------------
+# The DiT path: --family mmdit (issue 4)
+# --------------------------------------------------------------------------------------
+MMDIT_STEPS = 10  # CAT: steps 0-5 full, 6 reference, 7 clustering, 8 and 9 pruned
+MMDIT_VARIANTS = "unpatched,cat@0.3,lazycache@0.2"
+
+
+def _run_mmdit(tmp_path: Path, variants: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = tmp_path / "mmdit.json"
+    cmd = [sys.executable, str(BENCH), "--family", "mmdit", "--tiny", "--size", "128", "--steps", str(MMDIT_STEPS),
+           "--variants", variants, "--out", str(out), "--markdown"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_smoke_mmdit_tiny(tmp_path):
+    """Tiny SD3-shaped MMDiT (hidden 256, 2 joint blocks), 128x128 px = 64 image tokens, 10 steps: ~15 s."""
+    proc = _run_mmdit(tmp_path, MMDIT_VARIANTS)
+    assert proc.returncode == 0, f"bench.py failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    assert "| cat@0.3 |" in proc.stdout and "SD3-medium-shaped MMDiT" in proc.stdout
+    report = json.loads((tmp_path / "mmdit.json").read_text())
+
+    # which model: the JSON says family, depth and width
+    assert report["config"]["family"] == "mmdit"
+    m = report["model"]
+    assert (m["arch"], m["family"], m["joint_blocks"], m["hidden_size"], m["heads"]) == \
+        ("mmdit", "SD3-MMDiT-tiny", 2, 256, 4)
+    assert m["context"] == [154, 4096] and m["pooled"] == 2048 and m["patch_size"] == 2
+    assert report["config"]["latent"] == [1, 16, 16, 16]
+    assert (m["image_tokens"], m["text_tokens"]) == (64, 154)
+
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == MMDIT_VARIANTS.split(",")
+    for r in report["results"] + [report["unpatched_rerun"]]:
+        for key in ("seconds_per_image", "speedup", "flops_ideal_speedup", "peak_rss_delta_mib", "rel_error"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (r["variant"], key, r[key])
+        assert r["finite"], r["variant"]
+        assert r["unet_batch"] == [2], r  # CFG: cond and uncond in one batch-2 call
+
+    un, cat, lazy = rows["unpatched"], rows["cat@0.3"], rows["lazycache@0.2"]
+    assert un["rel_error"] == 0.0
+    assert report["unpatched_rerun"]["rel_error"] == 0.0  # same seed, same noise: bit-identical
+    assert un["unet_calls"] == cat["unet_calls"] == MMDIT_STEPS
+
+    # CAT really pruned on the DiT: two pruned steps, fewer FLOPs per pruned call, a changed latent
+    assert "2 pruned / 8 full of 10 steps on mmdit" in (cat["pack_summary"] or ""), cat["pack_summary"]
+    assert cat["flops_per_pruned_call"] < un["flops_per_model_call"]
+    assert cat["options"]["full_steps"] == 8 and cat["options"]["pruned_steps"] == 2
+    assert 1.0 < cat["flops_ideal_speedup"] < MMDIT_STEPS / 8, cat["flops_ideal_speedup"]
+    assert 0.0 < cat["rel_error"] < 1.0, cat["rel_error"]
+
+    # LazyCache: its own skip count gives the ideal, and a skipped step runs no model call
+    skipped = lazy["options"]["skipped_steps"]
+    assert lazy["options"]["of_steps"] == MMDIT_STEPS
+    assert lazy["flops_ideal_speedup"] == pytest.approx(MMDIT_STEPS / (MMDIT_STEPS - skipped))
+    assert lazy["unet_calls"] == MMDIT_STEPS - skipped
+    assert "LazyCache - skipped" in (lazy["pack_summary"] or "")
+
+
+def test_bench_mmdit_refuses_what_cannot_run(tmp_path):
+    """UNet-only variants fail before anything is built; EasyCache fails after a probe call (the SD3 MMDiT
+    of ComfyUI 0.3.75 never runs DIFFUSION_MODEL wrappers, so it would silently skip nothing)."""
+    proc = _run_mmdit(tmp_path, "unpatched,sito@0.5,cat@0.3", timeout=60)
+    assert proc.returncode != 0
+    assert "UNet-only" in proc.stderr and "sito@0.5" in proc.stderr, proc.stderr[-2000:]
+
+    proc = _run_mmdit(tmp_path, "unpatched,easycache@0.2")
+    assert proc.returncode != 0
+    assert "DIFFUSION_MODEL" in proc.stderr and "lazycache" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mmdit.json").exists()

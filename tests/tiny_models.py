@@ -27,12 +27,13 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
+import comfy.samplers
 import comfy.supported_models
 
 # The seeded initialisation is shared with scripts/make_checkpoint.py (the checkpoint files
 # of the end-to-end tests are initialised the same way); the reasoning for the scales is
 # documented there. scripts/ is put on sys.path by tests/conftest.py.
-from make_checkpoint import seeded_fill_
+from make_checkpoint import UNET_COMMON, seeded_fill_
 
 __all__ = [
     "LATENT_CHANNELS",
@@ -75,21 +76,10 @@ def _config(cls, unet_config: dict, dtype: torch.dtype):
 
 
 def _unet_config(**kw) -> dict:
-    # Keys as comfy.model_detection.detect_unet_config produces them for a checkpoint,
-    # so these tiny models go through exactly the constructor path of real ones.
-    base = {
-        "use_checkpoint": False,
-        "image_size": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "use_spatial_transformer": True,
-        "legacy": False,
-        "adm_in_channels": None,
-        "use_temporal_attention": False,
-        "use_temporal_resblock": False,
-    }
-    base.update(kw)
-    return base
+    # Keys as comfy.model_detection.detect_unet_config produces them for a checkpoint (the
+    # same base the checkpoint generator writes), so these tiny models go through exactly the
+    # constructor path of real ones.
+    return {**UNET_COMMON, "adm_in_channels": None, **kw}
 
 
 def tiny_sd15(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
@@ -197,6 +187,38 @@ def tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_
     }
     mc = _config(comfy.supported_models.Flux, cfg, dtype)
     return _wrap(mc.get_model({}), seed)
+
+
+def micro(kind: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Micro models for the long compatibility matrices: the tiny SD1.5 / SDXL layouts with 64
+    base channels (a few ms per call, so hundreds of sampler runs stay affordable)."""
+    if kind == "sd15":
+        cfg = _unet_config(model_channels=64, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                           transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
+                           use_linear_in_transformer=False, context_dim=768)
+        mc = _config(comfy.supported_models.SD15, cfg, dtype)
+    elif kind == "sdxl":
+        cfg = _unet_config(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
+                           transformer_depth=[0, 1, 1], transformer_depth_output=[0, 0, 1, 1, 1, 1],
+                           transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=2048,
+                           adm_in_channels=2816, num_classes="sequential")
+        mc = _config(comfy.supported_models.SDXL, cfg, dtype)
+    else:
+        raise ValueError(f"no micro model for {kind!r} (sd15, sdxl)")
+    return _wrap(mc.get_model({}), seed)
+
+
+def sample_sigmas(patcher, steps: int, scheduler: str = "normal") -> list[float]:
+    """The sigma schedule ComfyUI's sampler will use for ``steps`` steps."""
+    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).tolist()
+
+
+def step_of(sigma: float, sigmas: list[float]) -> int:
+    """Index of the step whose sigma a model call ran at (fails if it is not on the schedule)."""
+    diffs = [abs(sigma - s) for s in sigmas[:-1]]
+    j = min(range(len(diffs)), key=diffs.__getitem__)
+    assert diffs[j] <= 1e-5 * max(abs(sigma), 1.0), f"call at sigma {sigma} is not on the schedule {sigmas}"
+    return j
 
 
 _BUILDERS = {"sd15": tiny_sd15, "sd2v": tiny_sd2v, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}

@@ -27,10 +27,9 @@ import pytest
 import torch
 
 import comfy.model_patcher
-import comfy.samplers
 import comfy.supported_models
 
-from tiny_models import build, run_sampler, seeded_fill_
+from tiny_models import build, run_sampler, sample_sigmas, seeded_fill_, step_of
 from token_pruning_cache.nodes.cat_node import CATPruneCache, apply_cat
 
 SUMMARY = re.compile(r"^CAT: (\d+) pruned / (\d+) full of (\d+) steps on (\w+)")
@@ -56,17 +55,6 @@ def sd15_top(models):
 
 def floor_keep(keep_ratio, n):
     return int(keep_ratio * n + 1e-9)
-
-
-def sample_sigmas(patcher, steps, scheduler="normal"):
-    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).tolist()
-
-
-def step_of(sigma: float, sigmas: list[float]) -> int:
-    diffs = [abs(sigma - s) for s in sigmas[:-1]]
-    j = min(range(len(diffs)), key=diffs.__getitem__)
-    assert diffs[j] <= 1e-5 * max(abs(sigma), 1.0), f"call at sigma {sigma} is not on the schedule {sigmas}"
-    return j
 
 
 def summaries(caplog):
@@ -260,6 +248,56 @@ def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batc
         for what in ("attn1", "attn2", "ff"):
             assert (what, name) in pruned_rows, f"{what} of {name} not pruned"
     assert summaries(caplog) == [(2, 2, 4, "unet")]
+
+
+def test_coarser_selection_is_the_pooled_top_selection():
+    """A coarser-level token is recomputed when any of the (up to) 2x2 top tokens it covers is;
+    odd sides round up, as the UNet's stride-2 convolutions do."""
+    from token_pruning_cache.nodes.adapter import _coarser_selections
+    from token_pruning_cache.pruning_core.geometry import TokenGrid
+
+    grid = TokenGrid(5, 7)
+    selection = torch.tensor([0, 8, 34])  # (0,0), (1,1), (4,6)
+    levels = _coarser_selections(selection, grid, 2)
+    assert list(levels) == [3 * 4, 2 * 2]
+    assert levels[12].tolist() == [0, 11]  # (0,0) covers (0,0),(1,1); (2,3) covers (4,6)
+    assert levels[4].tolist() == [0, 3]
+    assert _coarser_selections(None, grid, 1) == {12: None}
+
+
+def test_unet_coarser_levels_recompute_the_pooled_selection(models, sd15_top, caplog):
+    """max_downsample 2 on the two-level SD1.5-like UNet: the 1/2 level's blocks also run on the
+    selected tokens only (its keys/values stay whole), the output matches in shape and is finite."""
+    base = models("sd15")
+    top_names, n_tokens = sd15_top
+    n_coarse = ((UNET_HW[0] + 1) // 2) * ((UNET_HW[1] + 1) // 2)
+    steps, warmup = 4, 0
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=warmup, max_downsample="2")
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out, log = run_logged(base, m, hw=UNET_HW, batch=1, steps=steps, cfg=1.0)
+    assert torch.isfinite(out).all()
+    s = floor_keep(0.3, n_tokens)
+    sigmas = sample_sigmas(base, steps)
+    seen_pruned_coarse = False
+    for call in log.calls:
+        pruned = step_of(call["sigma"], sigmas) >= warmup + 2
+        for what, name, n in call["rows"]:
+            if what == "batch":
+                continue
+            if name in top_names:
+                assert n == (n_tokens if (what == "kv1" or not pruned) else s), (what, name, n)
+            elif what == "kv1" or not pruned:
+                assert n == n_coarse, (what, name, n)  # keys/values (fresh or cached) and full steps: every token
+            else:
+                assert -(-s // 4) <= n <= min(s, n_coarse), (what, name, n)
+                seen_pruned_coarse |= n < n_coarse
+    assert seen_pruned_coarse, "no coarse-level block ran on fewer tokens on a pruned step"
+    assert summaries(caplog) == [(2, 2, 4, "unet")]
+    # the default prunes the selection's own level only
+    _, log_auto = run_logged(base, apply_cat(base, keep_ratio=0.3, warmup_steps=0), hw=UNET_HW, batch=1,
+                             steps=steps, cfg=1.0)
+    coarse_rows = {n for c in log_auto.calls for what, name, n in c["rows"] if name not in top_names and what != "batch"}
+    assert coarse_rows == {n_coarse}
 
 
 def test_sdxl_prunes_its_own_top_attention_level(models, caplog):

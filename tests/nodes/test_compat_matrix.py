@@ -33,7 +33,6 @@ import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.supported_models
 import comfy.utils
 import tiny_models as tm
 from tiny_models import build, make_conds
@@ -63,47 +62,22 @@ CFG = 1.5
 # models amplify every perturbation, so this is loose; broken recovery/caching gives > 1.
 CLOSE = 0.6
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # --------------------------------------------------------------------------------------
 # Models, sampling, probes
 # --------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("TPC_TORCH_THREADS") or 1))
-    yield
-    torch.set_num_threads(previous)
-
-
 _MODELS: dict = {}
 _REFS: dict = {}
-
-
-def _build_micro(kind: str, dtype: torch.dtype, seed: int = 0):
-    if kind == "sd15":
-        cfg = tm._unet_config(model_channels=64, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                              transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
-                              use_linear_in_transformer=False, context_dim=768)
-        mc = tm._config(comfy.supported_models.SD15, cfg, dtype)
-    elif kind == "sdxl":
-        cfg = tm._unet_config(model_channels=64, channel_mult=[1, 2, 2], num_res_blocks=[1, 1, 1],
-                              transformer_depth=[0, 1, 1], transformer_depth_output=[0, 0, 1, 1, 1, 1],
-                              transformer_depth_middle=1, use_linear_in_transformer=True, context_dim=2048,
-                              adm_in_channels=2816, num_classes="sequential")
-        mc = tm._config(comfy.supported_models.SDXL, cfg, dtype)
-    else:
-        raise ValueError(kind)
-    return tm._wrap(mc.get_model({}), seed)
 
 
 def micro(kind: str = "sd15", dtype: torch.dtype = torch.float32):
     """Shared micro model (never modified by tests: nodes clone; see test_zz_shared_models_untouched)."""
     key = ("micro", kind, dtype)
     if key not in _MODELS:
-        model = _build_micro(kind, dtype)
+        model = tm.micro(kind, dtype)
         _MODELS[key] = model
         _MODELS[key + ("snapshot",)] = _snapshot(model)
     return _MODELS[key]

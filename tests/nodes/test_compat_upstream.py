@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +29,6 @@ import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sample
 import comfy.samplers
-import comfy.supported_models
 import tiny_models as tm
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
@@ -53,25 +51,16 @@ HW = (9, 7)
 STEPS = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("TPC_TORCH_THREADS") or 1))
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _BASE: dict = {}
 
 
 def base_model():
-    """SD1.5-like micro UNet (as tiny_models.tiny_sd15 with 64 base channels), shared by the module."""
+    """The SD1.5-like micro UNet of tiny_models, shared by the module."""
     if "sd15" not in _BASE:
-        cfg = tm._unet_config(model_channels=64, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
-                              transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1,
-                              use_linear_in_transformer=False, context_dim=768)
-        mc = tm._config(comfy.supported_models.SD15, cfg, torch.float32)
-        _BASE["sd15"] = tm._wrap(mc.get_model({}), 0)
+        _BASE["sd15"] = tm.micro("sd15")
     return _BASE["sd15"]
 
 

@@ -27,7 +27,7 @@ import comfy.samplers
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
-from tiny_models import build, make_conds, run_sampler
+from tiny_models import build, make_conds, run_sampler, sample_sigmas, step_of
 from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato
 from token_pruning_cache.pruning_core.schedule import FULL, REUSE, Schedule
 
@@ -128,17 +128,6 @@ def live_names(dm, cls, step) -> list[str]:
         elif part == "output_blocks" and int(idx) >= n_out - step.depth:
             out.append(n)
     return out
-
-
-def sample_sigmas(patcher, steps, scheduler="normal"):
-    return comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps).tolist()
-
-
-def step_of(sigma: float, sigmas: list[float]) -> int:
-    diffs = [abs(sigma - s) for s in sigmas[:-1]]
-    j = min(range(len(diffs)), key=diffs.__getitem__)
-    assert diffs[j] <= 1e-5 * max(abs(sigma), 1.0), f"call at sigma {sigma} is not on the schedule {sigmas}"
-    return j
 
 
 def assert_calls_follow(log: CallLog, schedule: Schedule, sigmas: list[float]) -> list[int]:

@@ -22,6 +22,11 @@ POSITIVE = "a lighthouse on a rocky coast at sunset, dramatic clouds, highly det
 NEGATIVE = "blurry, low quality, watermark"
 
 
+# Row heights of the ComfyUI frontend's LiteGraph (1.32.x): a slot row, a widget row with its gap.
+SLOT_HEIGHT, WIDGET_HEIGHT = 20, 24
+TITLE_AND_GAP = 70  # node title bar (30 px, outside "size") plus a gap
+
+
 class Graph:
     def __init__(self, info: dict):
         self.info, self.nodes, self.links = info, [], []
@@ -56,8 +61,15 @@ class Graph:
                     node["inputs"].append({"name": name, "type": d["input"][section][name][0], "link": None})
         for i, (t, n) in enumerate(zip(d["output"], d["output_name"])):
             node["outputs"].append({"name": n, "type": t, "links": [], "slot_index": i})
+        # The frontend grows a node to fit its slots and widgets; a smaller saved size would
+        # make it overlap the node below once loaded (seen in tests/e2e/test_browser.py).
+        rows = max(len(node["inputs"]), len(node["outputs"]), 1)
+        node["size"][1] = max(node["size"][1], rows * SLOT_HEIGHT + len(values) * WIDGET_HEIGHT + 16)
         self.nodes.append(node)
         return nid
+
+    def height(self, nid: int) -> int:
+        return self.nodes[nid - 1]["size"][1]
 
     def link(self, src: int, out_slot: int, dst: int, input_name: str) -> None:
         lid = len(self.links) + 1
@@ -88,11 +100,17 @@ def txt2img(g: Graph, ckpt: str, size: int, steps: int, patch: tuple[str, dict] 
     else:
         ids = {k: shared[k] for k in ("ckpt", "pos", "neg")}
     model = (ids["ckpt"], 0)
+    top = y + 160  # where the prompts start in the second column
     if patch is not None:
         ids["patch"] = g.add(patch[0], patch[1], pos=(360, y), size=(340, 120))
         g.link(*model, ids["patch"], "model")
         model = (ids["patch"], 0)
-    ids["latent"] = g.add("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(360, y + 560),
+        top = max(top, y + g.height(ids["patch"]) + TITLE_AND_GAP)
+    if shared is None:  # prompts below the patch node, not behind it
+        g.nodes[ids["pos"] - 1]["pos"][1] = top
+        g.nodes[ids["neg"] - 1]["pos"][1] = top + g.height(ids["pos"]) + TITLE_AND_GAP
+        top = g.nodes[ids["neg"] - 1]["pos"][1] + g.height(ids["neg"]) + TITLE_AND_GAP
+    ids["latent"] = g.add("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, pos=(360, top),
                           size=(320, 110))
     ids["sampler"] = g.add("KSampler", {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "euler",
                                         "scheduler": "normal", "denoise": 1.0}, pos=(800, y), size=(320, 270))
@@ -106,7 +124,7 @@ def txt2img(g: Graph, ckpt: str, size: int, steps: int, patch: tuple[str, dict] 
     ids["save"] = g.add("SaveImage", {"filename_prefix": prefix}, pos=(1420, y), size=(320, 320))
     g.link(ids["decode"], 0, ids["save"], "images")
     if preview and patch is not None:
-        ids["preview"] = g.add("TokenPruningPreview", {"panels": 6}, pos=(1160, y + 380), size=(300, 100))
+        ids["preview"] = g.add("TokenPruningPreview", {"panels": 6}, pos=(1160, y + 380), size=(240, 100))
         g.link(ids["patch"], 0, ids["preview"], "model")
         g.link(ids["sampler"], 0, ids["preview"], "samples")
         ids["preview_save"] = g.add("SaveImage", {"filename_prefix": prefix + "_preview"}, pos=(1420, y + 380),
@@ -177,7 +195,7 @@ def build_all(info: dict) -> dict[str, dict]:
 
     g = Graph(info)
     ids = txt2img(g, SD15, 512, 20, None, "unpatched")
-    txt2img(g, SD15, 512, 20, SITO, "sito", y=700, shared=ids)  # same loader, prompts and VAE
+    txt2img(g, SD15, 512, 20, SITO, "sito", y=800, shared=ids)  # same loader, prompts and VAE
     g.add("Note", {"text": NOTES["side"]}, pos=(0, 160), size=(320, 200))
     out["sd15_side_by_side_sito"] = g.ui()
     return out

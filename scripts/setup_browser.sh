@@ -8,7 +8,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-SELENIUM_VERSION="4.52.0"
+SELENIUM_VERSION="4.51.0"  # 4.52.0 needs a certifi newer than the registry serves here
 vpy="$root/.venv/bin/python"
 
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then

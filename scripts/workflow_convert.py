@@ -20,7 +20,9 @@ How the frontend (comfyui-frontend-package 1.32.x) stores a node, and how it is 
       - COMBO inputs with an upload option (``image_upload`` ...) get an upload button
         whose value is stored after all others (trailing values are ignored).
     A control value is only skipped if it is actually there (a valid control string), so
-    workflows written by tools that omit it convert as well.
+    workflows written by tools that omit it convert as well. Widgets past the end of
+    ``widgets_values`` (a file saved before the input existed) get the frontend's initial
+    value (``frontend_default``), as the frontend itself sends them.
   * ``links`` are ``[id, from_node, from_slot, to_node, to_slot, type]`` (or the newer
     object form); a linked input becomes ``[str(from_node), from_slot]``.
   * Frontend-only nodes are not sent: Note / MarkdownNote are dropped, Reroute links are
@@ -103,6 +105,19 @@ def _input_kinds(definition: dict) -> dict:
     return kinds
 
 
+def frontend_default(kind, opts: dict):
+    """The value a freshly created widget holds in the frontend (1.32.x): the input's
+    ``default``; else a combo's first option, 0 for INT/FLOAT, False, or "" (None: none)."""
+    if _is_combo(kind):
+        if opts.get("default"):  # the frontend tests truthiness here
+            return opts["default"]
+        options = kind if isinstance(kind, list) else opts.get("options") or []
+        return options[0] if options else None
+    if opts.get("default") is not None:
+        return opts["default"]
+    return {"INT": 0, "FLOAT": 0, "BOOLEAN": False, "STRING": ""}.get(kind)
+
+
 def map_widget_values(definition: dict, values) -> dict:
     """Map a node's ``widgets_values`` onto its widget inputs (see module docstring)."""
     if isinstance(values, dict):  # some node packs store widgets by name
@@ -113,7 +128,12 @@ def map_widget_values(definition: dict, values) -> dict:
     out, i = {}, 0
     for name, opts in widget_inputs(definition):
         if i >= len(values):
-            break
+            # A file saved before this input existed: the frontend keeps the widget's
+            # initial value and sends it, so the prompt gets the same value.
+            default = frontend_default(kinds[name], opts)
+            if default is not None:
+                out[name] = default
+            continue
         out[name] = values[i]
         i += 1
         extra = _control_widgets_after(name, kinds[name], opts)

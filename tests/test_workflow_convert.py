@@ -151,6 +151,18 @@ def test_seed_named_int_without_option_gets_frontend_control_value():
     assert map_widget_values(definition, [5, 0.5]) == {"seed": 5, "ratio": 0.5}
 
 
+def test_widgets_past_the_saved_values_get_the_frontend_initial_value():
+    # A file saved before inputs were added: the frontend keeps those widgets at their
+    # initial value and sends it (seen in the real frontend, tests/e2e/test_browser.py).
+    definition = {"input": {"required": {
+        "ratio": ["FLOAT", {"default": 0.3}], "mode": ["COMBO", {"options": ["a", "b"]}],
+        "legacy": [["x", "y"], {"default": "y"}], "n": ["INT", {}], "flag": ["BOOLEAN", {}],
+        "text": ["STRING", {}], "empty": ["COMBO", {"options": []}]}},
+        "input_order": {"required": ["ratio", "mode", "legacy", "n", "flag", "text", "empty"]}}
+    assert map_widget_values(definition, [0.5]) == {"ratio": 0.5, "mode": "a", "legacy": "y", "n": 0,
+                                                    "flag": False, "text": ""}
+
+
 def test_bypassed_node_passes_its_input_through_and_muted_node_is_dropped(object_info):
     ui = ui_workflow()
     # Insert a bypassed ModelSamplingDiscrete between the checkpoint and KSampler...

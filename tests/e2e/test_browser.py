@@ -13,7 +13,8 @@ each ``workflows/*.json`` the way a user's drag-and-drop or "Open" does
     offered options (the generated checkpoints are listed under the workflows' file names),
     numbers are within min/max, and the widgets the frontend sends to the server are, in
     order, the ones ``scripts/workflow_convert.py`` assumes;
-  * links: the graph has exactly the file's links;
+  * links: the graph has exactly the file's links, and no node covers another once the
+    frontend has sized the nodes to their widgets;
   * nothing went wrong on the way: no console error, page error, unhandled rejection,
     failed request or warning/error toast while loading;
   * the frontend's own ``app.graphToPrompt()`` gives the same API prompt (nodes,
@@ -33,6 +34,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -151,7 +153,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   };
   const nodes = g.nodes.map((n) => ({
     id: n.id, type: n.type, comfyClass: n.comfyClass ?? null, title: n.title, mode: n.mode,
-    has_errors: !!n.has_errors,
+    has_errors: !!n.has_errors, rect: Array.from(n.boundingRect),
     registered: Object.prototype.hasOwnProperty.call(LiteGraph.registered_node_types, n.type),
     widgets: (n.widgets || []).map((w) => ({
       name: w.name, type: w.type, value: w.value === undefined ? null : w.value,
@@ -174,8 +176,9 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
           (e) => done(JSON.stringify({exception: String((e && e.stack) || e)})));
 """
 
-# Zoom to fit, as the frontend's own fitView does (DragAndScale.fitToBounds on the nodes'
-# bounding box), then wait for the canvas to redraw.
+# Zoom to fit, like the frontend's own fitView (DragAndScale.fitToBounds on the nodes'
+# bounding box) but into the part of the window the menus leave free (top bars, left
+# sidebar), then wait for the canvas to redraw.
 FIT_JS = r"""
 const done = arguments[arguments.length - 1];
 const b = [Infinity, Infinity, -Infinity, -Infinity];
@@ -184,9 +187,15 @@ for (const n of app.graph.nodes) {
   b[0] = Math.min(b[0], r[0]); b[1] = Math.min(b[1], r[1]);
   b[2] = Math.max(b[2], r[0] + r[2]); b[3] = Math.max(b[3], r[1] + r[3]);
 }
-const pad = 10;
+const pad = 10, inset = {left: 70, top: 135, right: 20, bottom: 20};
+const [bx, by, bw, bh] = [b[0] - pad, b[1] - pad, b[2] - b[0] + 2 * pad, b[3] - b[1] + 2 * pad];
+const ds = app.canvas.ds, dpr = window.devicePixelRatio || 1;
+const w = ds.element.width / dpr - inset.left - inset.right, h = ds.element.height / dpr - inset.top - inset.bottom;
+const scale = Math.min(w / bw, h / bh, 1);
+ds.scale = scale;  // screen = (graph + offset) * scale
+ds.offset[0] = (inset.left + (w - bw * scale) / 2) / scale - bx;
+ds.offset[1] = (inset.top + (h - bh * scale) / 2) / scale - by;
 app.canvas.deselectAll?.();
-app.canvas.ds.fitToBounds([b[0] - pad, b[1] - pad, b[2] - b[0] + 2 * pad, b[3] - b[1] + 2 * pad], {zoom: 0.9});
 app.canvas.setDirty(true, true);
 requestAnimationFrame(() => requestAnimationFrame(() => setTimeout(() => done(true), 300)));
 """
@@ -315,6 +324,22 @@ def same(a, b) -> bool:
     return a == b
 
 
+_URL = re.compile(r"https?://([^/\s'\"]+)")
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def closed_network_noise(message: str) -> bool:
+    """A request to a host other than this machine that was blocked or failed: the
+    frontend looks node packs up in the online registry (api.comfy.org) when a graph is
+    loaded, which ComfyUI's Content-Security-Policy (connect-src 'self') and the closed
+    network refuse. Not a workflow problem; a failure on the local server still counts."""
+    hosts = [h.split(":")[0] if not h.startswith("[") else h for h in _URL.findall(message)]
+    external = [h for h in hosts if h not in _LOCAL_HOSTS]
+    blocked = ("Content Security Policy" in message or "ERR_NAME_NOT_RESOLVED" in message
+               or "ERR_CONNECTION_REFUSED" in message)
+    return bool(external) and blocked and "Connecting to 'http://127.0.0.1" not in message
+
+
 def _link_rows(links) -> set[tuple]:
     rows = set()
     for link in links:
@@ -343,7 +368,7 @@ def problems_after_load(workflow: dict, state: dict, object_info: dict) -> list[
         if c["level"] != "warn":
             out.append(f"console {c['level']}: {c['text']}")
     for entry in state["browser_log"]:
-        if entry.get("level") == "SEVERE":
+        if entry.get("level") == "SEVERE" and not closed_network_noise(entry.get("message", "")):
             out.append(f"browser log: {entry.get('message')}")
 
     graph_nodes = {n["id"]: n for n in state["nodes"]}
@@ -365,7 +390,8 @@ def problems_after_load(workflow: dict, state: dict, object_info: dict) -> list[
         if isinstance(values, list):
             if len(stored) != len(values):
                 out.append(f"{where}: {len(values)} widgets_values in the file, {len(stored)} value widgets in the "
-                           f"frontend ({[w['name'] for w in stored]})")
+                           f"frontend ({[w['name'] for w in stored]}); the frontend assigns them by position, so "
+                           f"the file is out of date with the node (regenerate: scripts/make_workflows.py)")
             for w, v in zip(stored, values):
                 if not same(w["value"], v):
                     out.append(f"{where}: widget {w['name']} = {w['value']!r}, file has {v!r}")
@@ -381,6 +407,13 @@ def problems_after_load(workflow: dict, state: dict, object_info: dict) -> list[
             sent = [w["name"] for w in gnode["widgets"] if w["to_prompt"]]
             if sent != expected:
                 out.append(f"{where}: the frontend sends widgets {sent}, workflow_convert assumes {expected}")
+
+    for i, a in enumerate(state["nodes"]):
+        for b in state["nodes"][i + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["rect"], b["rect"]
+            if min(ax + aw, bx + bw) - max(ax, bx) > 4 and min(ay + ah, by + bh) - max(ay, by) > 4:
+                out.append(f"nodes {a['id']} ({a['type']}) and {b['id']} ({b['type']}) overlap on the canvas once "
+                           f"the frontend has sized them: {a['rect']} / {b['rect']} (layout: scripts/make_workflows.py)")
 
     if _link_rows(state["links"]) != _link_rows(workflow.get("links") or []):
         out.append(f"links differ: file {sorted(_link_rows(workflow.get('links') or []))}, "

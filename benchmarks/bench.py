@@ -207,6 +207,7 @@ class Variant:
     xattn: bool = False
     mlp: bool = False
     search: str | None = None  # SiTo similarity_search ("local" | "global"); None = the node's default
+    recovery: str | None = None  # SiTo recovery ("base" | "kept"); None = the node's default
     preset: str | None = None  # DaTo schedule preset (dato / deepcache variants)
 
 
@@ -214,7 +215,7 @@ class Variant:
 CACHE_METHODS = {
     "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, aggressive)",
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
-    "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds2/ds4/ds8 = max_downsample (coarser levels too)",
+    "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds1/ds2/ds4/ds8 = max_downsample (default 8: all levels)",
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
     "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
 }
@@ -236,10 +237,10 @@ def parse_variant(spec: str) -> Variant:
             v.preset = "dato_" + (mods[0] if mods else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
-        elif method == "cat" and mods:
-            if len(mods) != 1 or mods[0] not in ("ds1", "ds2", "ds4", "ds8"):
+        elif method == "cat":
+            if mods and (len(mods) != 1 or mods[0] not in ("ds1", "ds2", "ds4", "ds8")):
                 raise ValueError(f"variant {spec!r}: cat takes one modifier, ds1/ds2/ds4/ds8")
-            v.max_downsample = mods[0][2:]
+            v.max_downsample = mods[0][2:] if mods else "8"  # the node's default: every attention level
         return v
     if method not in ("tome", "sito", "random"):
         raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "
@@ -260,9 +261,11 @@ def parse_variant(spec: str) -> Variant:
             v.mlp = True
         elif mod in ("local", "global") and method == "sito":
             v.search = mod
+        elif mod in ("base", "kept") and method == "sito":
+            v.recovery = mod
         else:
             raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
-                             f"sito also local, global)")
+                             f"sito also local, global, base, kept)")
     return v
 
 
@@ -507,6 +510,8 @@ def patch(base, v: Variant, seed: int):
     if v.method == "sito":
         from token_pruning_cache.nodes.sito_node import apply_sito
         extra = {"similarity_search": v.search} if v.search else {}
+        if v.recovery:
+            extra["recovery"] = v.recovery
         return apply_sito(base, prune_ratio=v.ratio, max_downsample=v.max_downsample, prune_self_attn=True,
                           prune_cross_attn=v.xattn, prune_mlp=v.mlp, prune_kv=not v.qonly, seed=seed, **extra)
     if v.method == "random":
@@ -799,6 +804,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             opts = {"prune_kv": not v.qonly, "max_downsample": v.max_downsample, "cross_attn": v.xattn, "mlp": v.mlp}
             if v.search:
                 opts["similarity_search"] = v.search
+            if v.recovery:
+                opts["recovery"] = v.recovery
         res = Result(label, v.method, v.ratio, opts)
         if v.method in CACHE_METHODS:
             res.options = {"preset": v.preset} if v.preset else {}

@@ -29,7 +29,7 @@ def cat_problem(keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0
 
 
 def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-              start_percent=0.0, end_percent=1.0, seed=0, max_downsample="auto"):
+              start_percent=0.0, end_percent=1.0, seed=0, max_downsample="8"):
     """Return a clone of ``model`` with CAT Pruning installed (the input model is never modified)."""
     problem = cat_problem(keep_ratio, warmup_steps, num_clusters, cluster_share, staleness_decay, start_percent,
                           end_percent)
@@ -80,10 +80,6 @@ class CATPruneCache(io.ComfyNode):
                 build(io.Float.Input, id="keep_ratio", default=0.3, min=0.05, max=1.0, step=0.05,
                       tooltip="Fraction of tokens recomputed on each pruned step (0.3 = 70% pruned, as in the paper). "
                               "1.0 recomputes everything (output identical to the unpatched model)."),
-                build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="auto",
-                      tooltip="UNets: which levels recompute only the selected tokens. auto = the highest-resolution "
-                              "level with attention (the selection's own grid); 2, 4, 8 also the coarser levels, where "
-                              "a token is recomputed when any token it covers is selected. Ignored on SD3/Flux."),
                 build(io.Int.Input, id="warmup_steps", default=6, min=0, max=1000,
                       tooltip="Full steps before the reference step; then one clustering step, then pruned steps "
                               "(official: 6, i.e. pruning starts at step 8)."),
@@ -99,6 +95,11 @@ class CATPruneCache(io.ComfyNode):
                 build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                       tooltip="Pruned steps stop after this point of the denoising schedule."),
                 build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the k-means clustering."),
+                build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="8",
+                      tooltip="UNets: which levels recompute only the selected tokens. 8 (default) = every level with "
+                              "attention, middle block included; auto = only the highest-resolution one (the "
+                              "selection's own grid); at coarser levels a token is recomputed when any token it covers "
+                              "is selected. Conv blocks always run in full. Ignored on SD3/Flux."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with CAT Pruning applied.")],
         )
@@ -111,7 +112,7 @@ class CATPruneCache(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-                start_percent=0.0, end_percent=1.0, seed=0, max_downsample="auto") -> io.NodeOutput:
+                start_percent=0.0, end_percent=1.0, seed=0, max_downsample="8") -> io.NodeOutput:
         return io.NodeOutput(apply_cat(model, keep_ratio=keep_ratio, max_downsample=max_downsample,
                                        warmup_steps=warmup_steps,
                                        num_clusters=num_clusters, cluster_share=cluster_share,

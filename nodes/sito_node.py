@@ -17,8 +17,8 @@ DOWNSAMPLE_CHOICES = ["auto", "1", "2", "4", "8"]
 
 
 def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.0, end_percent: float = 1.0,
-                 similarity_search: str = "local") -> str | None:
-    problem = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, search=similarity_search).problem()
+                 similarity_search: str = "local", recovery: str = "base") -> str | None:
+    problem = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, search=similarity_search, recovery=recovery).problem()
     if problem is None and not 0.0 <= start_percent <= end_percent <= 1.0:
         problem = f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1"
     return problem
@@ -26,9 +26,9 @@ def sito_problem(prune_ratio: float, sx: int, sy: int, start_percent: float = 0.
 
 def apply_sito(model, *, prune_ratio=0.5, max_downsample="auto", prune_self_attn=True, prune_cross_attn=False,
                prune_mlp=False, prune_kv=True, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, start_percent=0.0,
-               end_percent=1.0, seed=0, similarity_search="local"):
+               end_percent=1.0, seed=0, similarity_search="local", recovery="base"):
     """Return a clone of ``model`` with SiTo installed (the input model is never modified)."""
-    problem = sito_problem(prune_ratio, sx, sy, start_percent, end_percent, similarity_search)
+    problem = sito_problem(prune_ratio, sx, sy, start_percent, end_percent, similarity_search, recovery)
     if problem:
         raise ValueError(f"SiTo Token Pruning: {problem}")
     factor, warning = adapter.resolve_max_downsample(model, str(max_downsample))
@@ -41,7 +41,7 @@ def apply_sito(model, *, prune_ratio=0.5, max_downsample="auto", prune_self_attn
     if prune_ratio <= 0 or not (prune_self_attn or prune_cross_attn or prune_mlp):
         return m
     cfg = SiToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, noise_alpha=noise_alpha, sim_beta=sim_beta,
-                     search=similarity_search)
+                     search=similarity_search, recovery=recovery)
     uid = adapter.new_uid("sito")
     layers = "+".join(n for n, on in (("attn1" + ("" if prune_kv else "(q only)"), prune_self_attn),
                                       ("attn2", prune_cross_attn), ("mlp", prune_mlp)) if on)
@@ -107,6 +107,10 @@ class SiToTokenPruning(io.ComfyNode):
                       tooltip="Stop pruning after this point of the denoising schedule (1 = last step)."),
                 build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                       tooltip="Seed of the base-token noise; same seed, same image."),
+                build(io.Combo.Input, id="recovery", options=["base", "kept"], default="base",
+                      tooltip="Whose attention output a pruned token copies. base = its most similar base token "
+                              "(the paper's figure); kept = its most similar kept token, base or not (the official "
+                              "code; one more small similarity per block, searched as similarity_search says)."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with SiTo token pruning applied.")],
         )
@@ -118,9 +122,9 @@ class SiToTokenPruning(io.ComfyNode):
     @classmethod
     def execute(cls, model, prune_ratio=0.5, max_downsample="auto", prune_self_attn=True, prune_cross_attn=False,
                 prune_mlp=False, prune_kv=True, sx=2, sy=2, noise_alpha=0.1, sim_beta=1.0, start_percent=0.0,
-                end_percent=1.0, seed=0, similarity_search="local") -> io.NodeOutput:
+                end_percent=1.0, seed=0, similarity_search="local", recovery="base") -> io.NodeOutput:
         return io.NodeOutput(apply_sito(model, prune_ratio=prune_ratio, max_downsample=max_downsample,
                                         prune_self_attn=prune_self_attn, prune_cross_attn=prune_cross_attn,
                                         prune_mlp=prune_mlp, prune_kv=prune_kv, sx=sx, sy=sy, noise_alpha=noise_alpha,
                                         sim_beta=sim_beta, start_percent=start_percent, end_percent=end_percent,
-                                        seed=seed, similarity_search=similarity_search))
+                                        seed=seed, similarity_search=similarity_search, recovery=recovery))

@@ -194,3 +194,42 @@ def plan_by_local_similarity(xn: torch.Tensor, base: torch.Tensor, grid: TokenGr
     plan = plan_from_order(order, n_pruned, base.gather(1, nearest_window))
     plan.base = base
     return plan
+
+
+def stand_ins_from_kept(xn: torch.Tensor, plan: PrunePlan, grid: TokenGrid, sy: int, sx: int,
+                        search: str = "local", radius: int = 1) -> PrunePlan:
+    """Re-point every pruned token of ``plan`` at its most similar *kept* token (base or not).
+
+    The official code's recovery: a pruned token copies the output of the kept token it is
+    most similar to, not necessarily a base token. ``search="global"`` compares each pruned
+    token with all ``N − K`` kept tokens (a K×(N−K) similarity); ``"local"`` with the kept
+    members of the surrounding ``(2r+1)²`` windows only (O(N·C·(2r+1)²·sy·sx)). The pruned set
+    does not change; border tokens outside whole windows keep their stand-in under "local".
+    """
+    b, n, c = xn.shape
+    pruned = plan.pruned_mask()  # [B, N]
+    position = torch.full((b, n), -1, dtype=torch.long, device=xn.device)
+    position.scatter_(1, plan.kept, torch.arange(plan.n_kept, device=xn.device).expand(b, -1))
+    source = plan.source.clone()
+    if search == "global":
+        k = plan.n_pruned
+        pruned_ids = pruned.to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :k]  # [B, K]
+        q = xn.gather(1, pruned_ids.unsqueeze(-1).expand(-1, -1, c))
+        sim = torch.bmm(q, plan.prune(xn).transpose(1, 2))  # [B, K, N-K]
+        source.scatter_(1, pruned_ids, sim.argmax(dim=-1))
+    else:
+        members, neighbours, valid, _, _ = _local_layout(grid, sy, sx, radius, xn.device)
+        m, p = members.shape
+        cand_ids = members[neighbours].reshape(m, -1)  # [M, K·P] tokens of the neighbour windows
+        cand_ok = valid[:, :, None].expand(-1, -1, p).reshape(1, m, -1) & ~pruned[:, cand_ids]  # [B, M, K·P]
+        tokens = xn.index_select(1, members.reshape(-1)).reshape(b, m, p, c)
+        cand = xn.index_select(1, cand_ids.reshape(-1)).reshape(b, m, -1, c)
+        sim = torch.matmul(tokens, cand.transpose(-1, -2))  # [B, M, P, K·P]
+        best = torch.where(cand_ok[:, :, None, :], sim, float("-inf")).argmax(dim=-1)  # [B, M, P]
+        token = cand_ids[torch.arange(m, device=xn.device)[None, :, None], best].reshape(b, -1)
+        flat = members.reshape(-1).expand(b, -1)
+        new = position.gather(1, token)  # the own window's base is always a kept candidate
+        source.scatter_(1, flat, torch.where(pruned.gather(1, flat), new, source.gather(1, flat)))
+    out = PrunePlan(kept=plan.kept, source=source, n_tokens=plan.n_tokens)
+    out.base = plan.base
+    return out

@@ -24,9 +24,10 @@ import torch
 from .geometry import TokenGrid
 from .recovery import PrunePlan
 from .selection import (normalized, plan_by_local_similarity, plan_by_similarity_to_base, pruned_count,
-                        select_base_tokens, similarity_score, validate_prune_ratio)
+                        select_base_tokens, similarity_score, stand_ins_from_kept, validate_prune_ratio)
 
 SEARCHES = ("local", "global")
+RECOVERIES = ("base", "kept")
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,14 @@ class SiToConfig:
     noise_alpha: float = 0.1
     sim_beta: float = 1.0
     search: str = "local"  # where pruned tokens look for their most similar base token
+    recovery: str = "base"  # stand-in of a pruned token: its most similar base token, or kept token
 
     def problem(self) -> str | None:
         """A user-facing reason this configuration cannot run, or None."""
         if self.search not in SEARCHES:
             return f"similarity search {self.search!r} must be one of {', '.join(SEARCHES)}"
+        if self.recovery not in RECOVERIES:
+            return f"recovery {self.recovery!r} must be one of {', '.join(RECOVERIES)}"
         return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
 
 
@@ -61,7 +65,10 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
                             device=generator.device if generator is not None else score.device)
         score = score + cfg.noise_alpha * noise.to(score.device)
     base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
-    return plan_for_base(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search)
+    plan = plan_for_base(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search)
+    if cfg.recovery == "kept":
+        plan = stand_ins_from_kept(xn, plan, grid, cfg.sy, cfg.sx, cfg.search)
+    return plan
 
 
 def plan_for_base(xn, base, grid: TokenGrid, sy: int, sx: int, k: int, search: str) -> PrunePlan:

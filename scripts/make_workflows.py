@@ -141,7 +141,7 @@ NOTES = {
     "sito": ("SiTo Token Pruning (AAAI 2025). prune_ratio 0.5 = half of the tokens in the highest-resolution "
              "transformer blocks skip self-attention and borrow the result of their most similar base token. "
              "0 turns it off (bit-identical output); at most 0.75 with 2x2 windows. max_downsample auto picks the "
-             "highest-resolution level that has attention (SDXL: the 32x32 level). prune_kv off = queries only "
+             "highest-resolution level that has attention (SDXL: its 1/2 level). prune_kv off = queries only "
              "(more faithful, slower). The preview node shows base (green), kept (grey) and pruned (red) tokens."),
     "dato": ("DaTo Prune + Cache (arXiv 2501.00375). schedule dato_official = the paper's final schedule "
              "(5 full / 20 shallow / 25 reused steps at 50 steps), resampled to your step count; it is made for "
@@ -149,7 +149,8 @@ NOTES = {
              "whose prediction changed least. custom_schedule e.g. 'F S1x4 F R S1x3' overrides the preset."),
     "cat": ("CAT Pruning (arXiv 2502.00433). After warmup_steps full steps, a reference step and a clustering "
             "step, each step recomputes only keep_ratio (0.3) of the tokens: the most-changed clusters plus the "
-            "stalest tokens; the rest reuse cached features and their previous prediction. Needs enough steps: "
+            "stalest tokens, on every UNet level with attention (max_downsample 8); the rest reuse cached features "
+            "and their previous prediction. Needs enough steps: "
             "with the default warm-up, pruning starts at step 8 (28-50 steps recommended)."),
     "hires": ("Two-pass hires fix with SiTo: the same patched model samples at 512, the latent is upscaled 1.5x "
               "and sampled again at 768 with denoise 0.5. SiTo keeps no state between the passes, so the second "

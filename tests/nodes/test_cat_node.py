@@ -293,9 +293,9 @@ def test_unet_coarser_levels_recompute_the_pooled_selection(models, sd15_top, ca
                 seen_pruned_coarse |= n < n_coarse
     assert seen_pruned_coarse, "no coarse-level block ran on fewer tokens on a pruned step"
     assert summaries(caplog) == [(2, 2, 4, "unet")]
-    # the default prunes the selection's own level only
-    _, log_auto = run_logged(base, apply_cat(base, keep_ratio=0.3, warmup_steps=0), hw=UNET_HW, batch=1,
-                             steps=steps, cfg=1.0)
+    # "auto" prunes the selection's own level only
+    _, log_auto = run_logged(base, apply_cat(base, keep_ratio=0.3, warmup_steps=0, max_downsample="auto"),
+                             hw=UNET_HW, batch=1, steps=steps, cfg=1.0)
     coarse_rows = {n for c in log_auto.calls for what, name, n in c["rows"] if name not in top_names and what != "batch"}
     assert coarse_rows == {n_coarse}
 

@@ -7,7 +7,8 @@ import torch
 from token_pruning_cache.pruning_core.geometry import TokenGrid
 from token_pruning_cache.pruning_core.selection import (max_prune_ratio, normalized, plan_by_similarity_to_base,
                                                         plan_random, pruned_count, random_base_tokens,
-                                                        select_base_tokens, similarity_score,
+                                                        plan_by_local_similarity, select_base_tokens,
+                                                        similarity_score, stand_ins_from_kept,
                                                         validate_prune_ratio)
 
 GRIDS = [(8, 8), (64, 96), (65, 97), (17, 13), (1, 9), (3, 3), (5, 2)]
@@ -183,6 +184,50 @@ def test_plan_by_similarity_to_base_brute_force(h, w, ratio):
             assert best[pruned].min() >= best[kept_non_base].max() - 1e-5
         # kept tokens are their own source
         assert torch.equal(src[b, ~pruned], (~pruned).nonzero().squeeze(-1))
+
+
+@pytest.mark.parametrize("search", ["global", "local"])
+@pytest.mark.parametrize("h,w,ratio", [(8, 8, 0.5), (17, 13, 0.7), (9, 6, 0.75)])
+def test_stand_ins_from_kept_brute_force(h, w, ratio, search):
+    """Kept-token recovery: same pruned set, each pruned token copies its most similar kept token
+    (all kept tokens for "global"; the kept members of the 3x3 surrounding windows for "local")."""
+    grid = TokenGrid(h, w)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, grid.n, 8, generator=gen)
+    xn = normalized(x)
+    base = select_base_tokens(torch.randn(2, grid.n, generator=gen), grid, 2, 2)
+    k = pruned_count(ratio, grid.n, base.shape[1])
+    plan = (plan_by_similarity_to_base(xn, base, k) if search == "global"
+            else plan_by_local_similarity(xn, base, grid, 2, 2, k))
+    new = stand_ins_from_kept(xn, plan, grid, 2, 2, search)
+    assert torch.equal(new.kept, plan.kept) and torch.equal(new.base, plan.base)
+    old_src, src = effective_source(plan), effective_source(new)
+    wy, wx = grid.windows(2, 2)
+    window = lambda t: (min(t // w // 2, wy - 1), min(t % w // 2, wx - 1))
+    for b in range(2):
+        pruned = plan.pruned_mask()[b]
+        assert not pruned[src[b]].any(), "a stand-in must be a kept token"
+        assert torch.equal(src[b, ~pruned], (~pruned).nonzero().squeeze(-1))
+        xd = x[b].double()
+        xd = xd / xd.norm(dim=-1, keepdim=True)
+        sim = xd @ xd.T
+        for t in pruned.nonzero().squeeze(-1).tolist():
+            ty, tx = t // w, t % w
+            if search == "global":
+                allowed = ~pruned
+            elif ty >= wy * 2 or tx >= wx * 2:  # border token: keeps its base stand-in
+                assert src[b, t] == old_src[b, t]
+                continue
+            else:
+                allowed = torch.zeros(grid.n, dtype=torch.bool)
+                for u in range(grid.n):
+                    uy, ux = u // w, u % w
+                    in_window = uy < wy * 2 and ux < wx * 2
+                    (wy_t, wx_t), (wy_u, wx_u) = window(t), (uy // 2, ux // 2)
+                    allowed[u] = in_window and abs(wy_t - wy_u) <= 1 and abs(wx_t - wx_u) <= 1 and not pruned[u]
+            assert allowed[src[b, t]]
+            assert sim[t, src[b, t]] >= sim[t][allowed].max() - 1e-5
+            assert sim[t, src[b, t]] >= sim[t, old_src[b, t]] - 1e-5  # never worse than the base stand-in
 
 
 # ---- random plan -------------------------------------------------------------------------

@@ -198,3 +198,27 @@ def test_local_search_with_a_wide_radius_is_the_global_search(h, w):
     full = plan_by_similarity_to_base(xn, base, k)
     assert torch.equal(wide.pruned_mask(), full.pruned_mask())
     assert torch.equal(wide.recover(wide.prune(x)), full.recover(full.prune(x)))
+
+
+@pytest.mark.parametrize("search", ["local", "global"])
+@pytest.mark.parametrize("h,w,sy,sx", [(17, 13, 2, 2), (12, 9, 3, 3)])
+def test_kept_recovery_keeps_the_pruned_set_and_never_copies_a_less_similar_token(h, w, sy, sx, search):
+    grid = TokenGrid(h, w)
+    x = features(2, grid)
+    base_cfg = SiToConfig(prune_ratio=0.5, sx=sx, sy=sy, search=search)
+    kept_cfg = SiToConfig(prune_ratio=0.5, sx=sx, sy=sy, search=search, recovery="kept")
+    assert kept_cfg.problem() is None
+    a = sito_plan(x, grid, base_cfg, torch.Generator().manual_seed(0))
+    b = sito_plan(x, grid, kept_cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.base, b.base)
+    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    mask = a.pruned_mask()
+    sim_a = (xn * xn.gather(1, effective_source(a).unsqueeze(-1).expand_as(xn))).sum(-1)
+    sim_b = (xn * xn.gather(1, effective_source(b).unsqueeze(-1).expand_as(xn))).sum(-1)
+    assert (sim_b[mask] >= sim_a[mask] - 1e-5).all()
+    assert (sim_b[mask] > sim_a[mask] + 1e-6).any(), "kept recovery found no better stand-in at all"
+    assert not mask.gather(1, effective_source(b)).any()
+
+
+def test_unknown_recovery_is_a_problem():
+    assert "recovery" in SiToConfig(recovery="nearest").problem()

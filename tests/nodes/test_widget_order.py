@@ -11,7 +11,7 @@ from token_pruning_cache.nodes.dato_node import DaToPruneCache
 from token_pruning_cache.nodes.preview_node import TokenPruningPreview
 from token_pruning_cache.nodes.sito_node import SiToTokenPruning
 
-# The widget inputs of version 0.1.0, in order (sockets such as MODEL are not widgets).
+# The widget inputs the first shared workflows were saved with, in order (MODEL is a socket).
 RELEASED = {
     SiToTokenPruning: ["prune_ratio", "max_downsample", "prune_self_attn", "prune_cross_attn", "prune_mlp",
                        "prune_kv", "sx", "sy", "noise_alpha", "sim_beta", "similarity_search", "start_percent",

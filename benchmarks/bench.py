@@ -207,7 +207,7 @@ class Variant:
     xattn: bool = False
     mlp: bool = False
     search: str | None = None  # SiTo similarity_search ("local" | "global"); None = the node's default
-    recovery: str | None = None  # SiTo recovery ("base" | "kept"); None = the node's default
+    recovery: str | None = None  # SiTo recovery ("base" | "kept" | "merge"); None = the node's default
     preset: str | None = None  # DaTo schedule preset (dato / deepcache variants)
 
 
@@ -261,11 +261,11 @@ def parse_variant(spec: str) -> Variant:
             v.mlp = True
         elif mod in ("local", "global") and method == "sito":
             v.search = mod
-        elif mod in ("base", "kept") and method == "sito":
+        elif mod in ("base", "kept", "merge") and method == "sito":
             v.recovery = mod
         else:
             raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
-                             f"sito also local, global, base, kept)")
+                             f"sito also local, global, base, kept, merge)")
     return v
 
 

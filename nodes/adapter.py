@@ -61,6 +61,30 @@ def _eager(fn):
     return fn if disable is None else disable(fn)
 
 
+_ATTENTION_SLOTS = {
+    "attn1": "set_model_attn1_patch", "attn1_output": "set_model_attn1_output_patch",
+    "attn2": "set_model_attn2_patch", "attn2_output": "set_model_attn2_output_patch",
+}
+
+
+def _register(model, slot: str, fn, *where):
+    """Hand one of our functions to ComfyUI; every registration of this adapter goes through
+    here so that none of them misses :func:`_eager`.
+
+    ``slot``: an attention slot (``attn1``, ``attn1_output``, ``attn2``, ``attn2_output``),
+    ``"object"`` (``where`` = the attribute path of an object patch) or ``"dit"`` (``where`` =
+    block kind and index of a DiT block-replace patch). Returns the registered function.
+    """
+    fn = _eager(fn)
+    if slot == "object":
+        model.add_object_patch(where[0], fn)
+    elif slot == "dit":
+        model.set_model_patch_replace(fn, "dit", *where)
+    else:
+        getattr(model, _ATTENTION_SLOTS[slot])(fn)
+    return fn
+
+
 # --------------------------------------------------------------------------------------
 # Per-run state
 # --------------------------------------------------------------------------------------
@@ -395,10 +419,9 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
             return n
         return plan.recover(n)
 
-    attn1_in = _eager(attn1_in)
-    attn1_in.token_pruning_uid = uid
-    model.set_model_attn1_patch(attn1_in)
-    model.set_model_attn1_output_patch(_eager(attn1_out))
+    # tagged so that a later node of ours can tell whose input patch comes first
+    _register(model, "attn1", attn1_in).token_pruning_uid = uid
+    _register(model, "attn1_output", attn1_out)
 
     if how.cross_attn:
         def attn2_in(n, context, value, extra):
@@ -414,15 +437,15 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
                 return n
             return plan.recover(n)
 
-        model.set_model_attn2_patch(_eager(attn2_in))
-        model.set_model_attn2_output_patch(_eager(attn2_out))
+        _register(model, "attn2", attn2_in)
+        _register(model, "attn2_output", attn2_out)
 
     if how.mlp:
         # The feed-forward has no patch slot; wrap each eligible block's ``ff.forward``.
         for path in transformer_block_paths(model, how.max_downsample):
             name = f"diffusion_model.{path}.ff.forward"
             original = model.get_model_object(name)
-            model.add_object_patch(name, _eager(_pruned_ff(original, plans)))
+            _register(model, "object", _pruned_ff(original, plans), name)
 
 
 def _pruned_ff(original, plans: _BlockPlans):
@@ -598,7 +621,7 @@ def install_step_cache(model, uid: str, step_kind: Callable[[RunState], tuple[st
         for k, path in enumerate(layers):
             name = f"diffusion_model.{path}.forward"
             original = model.get_model_object(name)
-            model.add_object_patch(name, _eager(_cached_layer(original, uid, block_key, rank, k == len(layers) - 1)))
+            _register(model, "object", _cached_layer(original, uid, block_key, rank, k == len(layers) - 1), name)
 
 
 def _cached_layer(original, uid: str, block_key: str, rank: int, is_last: bool):
@@ -862,13 +885,11 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
     def attn2_out(n, extra):
         return finish("attn2", n)
 
-    model.set_model_attn1_patch(_eager(attn1_in))
-    model.set_model_attn1_output_patch(_eager(attn1_out))
-    model.set_model_attn2_patch(_eager(attn2_in))
-    model.set_model_attn2_output_patch(_eager(attn2_out))
+    for slot, fn in (("attn1", attn1_in), ("attn1_output", attn1_out), ("attn2", attn2_in), ("attn2_output", attn2_out)):
+        _register(model, slot, fn)
     for path in transformer_block_paths(model, max_downsample):
         name = f"diffusion_model.{path}.ff.forward"
-        model.add_object_patch(name, _eager(_cat_ff(model.get_model_object(name), uid, path)))
+        _register(model, "object", _cat_ff(model.get_model_object(name), uid, path), name)
 
 
 def _cat_ff(original, uid: str, path: str):
@@ -902,7 +923,7 @@ def _install_cat_dit(model, uid: str, family: str) -> None:
         blocks = ([("double_block", i) for i in range(len(dm.double_blocks))]
                   + [("single_block", i) for i in range(len(dm.single_blocks))])
     for kind, i in blocks:
-        model.set_model_patch_replace(_eager(_cat_dit_block(uid, (kind, i))), "dit", kind, i)
+        _register(model, "dit", _cat_dit_block(uid, (kind, i)), kind, i)
 
 
 def _cat_dit_block(uid: str, block_key):

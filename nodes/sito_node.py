@@ -107,10 +107,12 @@ class SiToTokenPruning(io.ComfyNode):
                       tooltip="Stop pruning after this point of the denoising schedule (1 = last step)."),
                 build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False,
                       tooltip="Seed of the base-token noise; same seed, same image."),
-                build(io.Combo.Input, id="recovery", options=["base", "kept"], default="base",
+                build(io.Combo.Input, id="recovery", options=["base", "kept", "merge"], default="base",
                       tooltip="Whose attention output a pruned token copies. base = its most similar base token "
                               "(the paper's figure); kept = its most similar kept token, base or not (the official "
-                              "code; one more small similarity per block, searched as similarity_search says)."),
+                              "code; one more small similarity per block, searched as similarity_search says); "
+                              "merge = base, and each base token is computed as the mean of itself and the tokens "
+                              "that copy it (ToMe's averaging: more faithful at the same speed)."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with SiTo token pruning applied.")],
         )

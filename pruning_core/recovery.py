@@ -6,6 +6,11 @@ token of the full sequence the layer output of its *source*: its own output when
 kept, the output of the kept token that stands in for it when it was pruned. Both are a
 single ``gather``; rows of the batch (images, and the cond/uncond halves of a CFG batch)
 never mix.
+
+With ``merge`` set, ``prune`` feeds each kept token in as the mean of itself and the pruned
+tokens it stands in for (one ``scatter_add``), so the output they all share is computed for
+the centre of the group rather than for one of its members — ToMe's averaging on SiTo's
+selection. A token that stands in for nobody enters unchanged.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ class PrunePlan:
     source: torch.Tensor  # [B, N] position in the kept sequence whose output each token gets
     n_tokens: int
     base: torch.Tensor | None = None  # [B, M] base tokens, when the method has them (for previews)
+    merge: bool = False  # kept tokens enter as the mean of themselves and the tokens copying them
 
     @property
     def n_kept(self) -> int:
@@ -30,8 +36,17 @@ class PrunePlan:
         return self.n_tokens - self.kept.shape[1]
 
     def prune(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, N, C]`` → ``[B, N-K, C]``."""
-        return x.gather(1, self.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        """``[B, N, C]`` → ``[B, N-K, C]`` (the group means when ``merge`` is set)."""
+        if not self.merge:
+            return x.gather(1, self.kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        index = self.source.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        total = x.new_zeros(x.shape[0], self.n_kept, x.shape[-1]).scatter_add_(1, index, x)
+        return total / self.group_sizes().to(x.dtype).unsqueeze(-1)
+
+    def group_sizes(self) -> torch.Tensor:
+        """``[B, N-K]``: how many tokens receive each kept token's output (itself included)."""
+        ones = torch.ones(self.source.shape, dtype=torch.float32, device=self.source.device)
+        return torch.zeros(self.source.shape[0], self.n_kept, device=self.source.device).scatter_add_(1, self.source, ones)
 
     def recover(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, N-K, C]`` → ``[B, N, C]``."""

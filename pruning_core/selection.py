@@ -196,6 +196,21 @@ def plan_by_local_similarity(xn: torch.Tensor, base: torch.Tensor, grid: TokenGr
     return plan
 
 
+@lru_cache(maxsize=64)
+def _kept_candidate_layout(grid: TokenGrid, sy: int, sx: int, radius: int, device: torch.device):
+    """Index tables for the local search of :func:`stand_ins_from_kept` (grid only, so cached).
+
+    Returns ``(members [M, P], candidates [M, K·P], inside [M, K·P])``: each window's
+    members, the tokens of its ``K = (2r+1)²`` neighbour windows, and whether that neighbour
+    window lies inside the grid (outside ones are clamped duplicates and must not count).
+    """
+    members, neighbours, valid, _, _ = _local_layout(grid, sy, sx, radius, device)
+    m, p = members.shape
+    candidates = members[neighbours].reshape(m, -1)
+    inside = valid[:, :, None].expand(-1, -1, p).reshape(m, -1)
+    return members, candidates, inside
+
+
 def stand_ins_from_kept(xn: torch.Tensor, plan: PrunePlan, grid: TokenGrid, sy: int, sx: int,
                         search: str = "local", radius: int = 1) -> PrunePlan:
     """Re-point every pruned token of ``plan`` at its most similar *kept* token (base or not).
@@ -218,10 +233,9 @@ def stand_ins_from_kept(xn: torch.Tensor, plan: PrunePlan, grid: TokenGrid, sy: 
         sim = torch.bmm(q, plan.prune(xn).transpose(1, 2))  # [B, K, N-K]
         source.scatter_(1, pruned_ids, sim.argmax(dim=-1))
     else:
-        members, neighbours, valid, _, _ = _local_layout(grid, sy, sx, radius, xn.device)
+        members, cand_ids, inside = _kept_candidate_layout(grid, sy, sx, radius, xn.device)
         m, p = members.shape
-        cand_ids = members[neighbours].reshape(m, -1)  # [M, K·P] tokens of the neighbour windows
-        cand_ok = valid[:, :, None].expand(-1, -1, p).reshape(1, m, -1) & ~pruned[:, cand_ids]  # [B, M, K·P]
+        cand_ok = inside[None] & ~pruned[:, cand_ids]  # [B, M, K·P] kept tokens of the neighbour windows
         tokens = xn.index_select(1, members.reshape(-1)).reshape(b, m, p, c)
         cand = xn.index_select(1, cand_ids.reshape(-1)).reshape(b, m, -1, c)
         sim = torch.matmul(tokens, cand.transpose(-1, -2))  # [B, M, P, K·P]

@@ -7,6 +7,14 @@ Per block call and per batch row (docs/algorithms.md §2.2):
 4. the layer runs on the kept tokens only; pruned tokens receive their nearest base token's
    output (see :func:`selection.plan_by_similarity_to_base` for why base-only recovery).
 
+``recovery`` chooses the stand-in of step 4: ``"base"`` (the paper), ``"kept"`` (the official
+code: the most similar kept token, base or not), or ``"merge"``: base stand-ins, and each
+base token enters the layer as the mean of itself and the tokens it stands in for (ToMe's
+averaging on SiTo's selection; :class:`recovery.PrunePlan`). Copying a neighbour's output
+costs a pruned token the whole distance between the two; the mean splits that distance
+between the members of the group, which is why ToMe is the more faithful of the two at equal
+ratio. The selection and the speed are SiTo's.
+
 By default step 3 compares each token with the base tokens of the surrounding 3×3 windows
 only (``search="local"``, :func:`selection.plan_by_local_similarity`); ``"global"`` compares
 with all base tokens as the official code does, at the price of an N×(N/4) similarity.
@@ -27,7 +35,7 @@ from .selection import (normalized, plan_by_local_similarity, plan_by_similarity
                         select_base_tokens, similarity_score, stand_ins_from_kept, validate_prune_ratio)
 
 SEARCHES = ("local", "global")
-RECOVERIES = ("base", "kept")
+RECOVERIES = ("base", "kept", "merge")
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class SiToConfig:
     noise_alpha: float = 0.1
     sim_beta: float = 1.0
     search: str = "local"  # where pruned tokens look for their most similar base token
-    recovery: str = "base"  # stand-in of a pruned token: its most similar base token, or kept token
+    recovery: str = "base"  # stand-in of a pruned token: its most similar base token, or kept token; or merge
 
     def problem(self) -> str | None:
         """A user-facing reason this configuration cannot run, or None."""
@@ -68,6 +76,7 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
     plan = plan_for_base(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search)
     if cfg.recovery == "kept":
         plan = stand_ins_from_kept(xn, plan, grid, cfg.sy, cfg.sx, cfg.search)
+    plan.merge = cfg.recovery == "merge"
     return plan
 
 

@@ -125,11 +125,22 @@ def test_input_model_untouched(sd15):
 
 
 @pytest.mark.parametrize("opts", [dict(prune_kv=False), dict(prune_cross_attn=True), dict(prune_mlp=True),
-                                  dict(prune_self_attn=False, prune_mlp=True), dict(sx=3, sy=3, prune_ratio=0.85)])
+                                  dict(prune_self_attn=False, prune_mlp=True), dict(sx=3, sy=3, prune_ratio=0.85),
+                                  dict(recovery="kept"), dict(recovery="merge"),
+                                  dict(recovery="merge", prune_kv=False, prune_cross_attn=True, prune_mlp=True)])
 def test_variants_sample(sd15, opts):
     ref = run_sampler(sd15, steps=2)
     out = run_sampler(apply_sito(sd15, **{"prune_ratio": 0.5, **opts}), steps=2)
     assert torch.isfinite(out).all() and 0 < rel_err(out, ref) < 0.5
+
+
+def test_merge_recovery_reaches_the_layers(sd15):
+    """recovery=merge feeds group means: same pruned set as base recovery, different output."""
+    ref = run_sampler(sd15, steps=2)
+    base = run_sampler(apply_sito(sd15, prune_ratio=0.5), steps=2)
+    merged = run_sampler(apply_sito(sd15, prune_ratio=0.5, recovery="merge"), steps=2)
+    assert not torch.equal(merged, base)
+    assert torch.isfinite(merged).all() and 0 < rel_err(merged, ref) < 0.5
 
 
 def test_sdxl_auto_level_prunes_the_32x32_level(sdxl):

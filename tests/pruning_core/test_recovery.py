@@ -94,3 +94,34 @@ def test_source_points_into_kept_sequence():
     assert torch.equal(kept_index[~mask], ids[~mask])
     assert torch.equal(kept_index[mask], stand_in[mask])
     assert plan.base is None
+
+
+def test_merge_feeds_the_mean_of_each_group():
+    # same hand-made plan: groups {0, 4} -> kept 0, {5, 1} -> kept 5; 2 and 3 alone
+    order = torch.tensor([[4, 1, 0, 2, 3, 5]])
+    stand_in = torch.tensor([[0, 5, 2, 3, 0, 5]])
+    plan = plan_from_order(order, 2, stand_in)
+    plan.merge = True
+    x = torch.tensor([[[0.0], [10.0], [2.0], [3.0], [4.0], [5.0]]])
+    assert plan.group_sizes().tolist() == [[2.0, 1.0, 1.0, 2.0]]
+    assert plan.prune(x).flatten().tolist() == [2.0, 2.0, 3.0, 7.5]
+    assert plan.recover(plan.prune(x)).flatten().tolist() == [2.0, 7.5, 2.0, 3.0, 2.0, 7.5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_merge_against_a_loop_and_alone_tokens_untouched(dtype):
+    plan, order, stand_in = random_plan(3, 40, 17, seed=3)
+    x = torch.randn(3, 40, 8).to(dtype)
+    plain = plan.prune(x)
+    plan.merge = True
+    merged = plan.prune(x)
+    assert merged.dtype == dtype and merged.shape == plain.shape
+    sizes = plan.group_sizes()
+    assert torch.equal(sizes.sum(1), torch.full((3,), 40.0))
+    for b in range(3):
+        for pos in range(plan.n_kept):
+            members = (plan.source[b] == pos).nonzero().squeeze(1)
+            expect = x[b, members].float().mean(0)
+            torch.testing.assert_close(merged[b, pos].float(), expect, rtol=2e-3, atol=2e-3)
+            if members.numel() == 1:  # stands in for nobody: enters exactly as it is
+                assert torch.equal(merged[b, pos], plain[b, pos])

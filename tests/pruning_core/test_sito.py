@@ -222,3 +222,17 @@ def test_kept_recovery_keeps_the_pruned_set_and_never_copies_a_less_similar_toke
 
 def test_unknown_recovery_is_a_problem():
     assert "recovery" in SiToConfig(recovery="nearest").problem()
+
+
+@pytest.mark.parametrize("h,w", [(17, 13), (8, 8)])
+def test_merge_recovery_keeps_sitos_selection_and_averages_the_groups(h, w):
+    grid = TokenGrid(h, w)
+    x = features(2, grid)
+    a = sito_plan(x, grid, SiToConfig(prune_ratio=0.5), torch.Generator().manual_seed(0))
+    b = sito_plan(x, grid, SiToConfig(prune_ratio=0.5, recovery="merge"), torch.Generator().manual_seed(0))
+    assert not a.merge and b.merge
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.source, b.source) and torch.equal(a.base, b.base)
+    # each kept token enters as the mean of itself and the pruned tokens that copy it
+    sums = torch.stack([torch.zeros(b.n_kept, x.shape[-1]).index_add_(0, b.source[r], x[r]) for r in range(2)])
+    torch.testing.assert_close(b.prune(x), sums / b.group_sizes().unsqueeze(-1))
+    assert b.group_sizes().max() > 1, "nothing was merged"

@@ -59,6 +59,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import sys
 import threading
 import time
@@ -143,6 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma-separated list (default: {DEFAULT_VARIANTS}; with --family mmdit: "
                         f"{DEFAULT_DIT_VARIANTS})")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant, fastest kept (default 1)")
+    p.add_argument("--paired", action="store_true",
+                   help="time every variant right next to an unpatched run (order alternating per round) and "
+                        "report the median of the per-pair speedups: for machines whose speed drifts within minutes")
     p.add_argument("--skip-rerun", action="store_true",
                     help="skip the final unpatched drift-check run (saves one unpatched run at long step counts)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOPs pass (one extra model call per variant)")
@@ -741,6 +745,7 @@ class Result:
     ideal: float | None = None  # ideal speedup of a caching variant (schedule or FLOPs model)
     pruned_flops: float | None = None  # cat: FLOPs of one pruned CFG model call (3-step probe)
     latent: object = None  # torch.Tensor, not serialised
+    pair_speedups: list = field(default_factory=list)  # --paired: unpatched / variant of adjacent runs
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -869,9 +874,21 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         sample(base, 1)
     prepared = [prepare(v, v.spec) for v in variants]
     results: list[Result] = [res for _, res in prepared]
-    for _ in range(args.repeats):
-        for model, res in prepared:
-            timed(model, res)
+    for round_ in range(args.repeats):
+        if not args.paired:
+            for model, res in prepared:
+                timed(model, res)
+            continue
+        # --paired: each variant next to its own unpatched run, ABBA across rounds, so both
+        # halves of a pair see the machine at the same speed
+        base_model, base_res = prepared[0]
+        for model, res in prepared[1:]:
+            order = [(base_model, base_res), (model, res)]
+            for m, r in (order if round_ % 2 == 0 else order[::-1]):
+                timed(m, r)
+            res.pair_speedups.append(base_res.seconds_all[-1] / res.seconds_all[-1])
+        if len(prepared) == 1:
+            timed(base_model, base_res)
     drift = Result("unpatched (re-run)", "unpatched", 0.0, {}, flops=results[0].flops)
     if args.skip_rerun:
         drift.seconds, drift.latent, drift.seconds_all = results[0].seconds, results[0].latent, []
@@ -894,7 +911,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "seconds_per_image": r.seconds, "seconds_all": r.seconds_all,
             "cpu_wait_seconds_all": [round(w, 2) for w in r.cpu_wait_all], "loadavg_all": r.loadavg_all,
             "seconds_per_step": r.seconds / args.steps,
-            "speedup": ref_seconds / r.seconds,
+            "speedup": statistics.median(r.pair_speedups) if r.pair_speedups else ref_seconds / r.seconds,
+            "pair_speedups": [round(x, 4) for x in r.pair_speedups],
             "flops_per_model_call": r.flops,
             "flops_per_pruned_call": r.pruned_flops,
             "flops_ideal_speedup": (ref.flops / r.flops) if (r.flops and ref.flops) else r.ideal,
@@ -918,11 +936,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "config": {
             "width": args.width, "height": args.height, "latent": list(latent.shape), "steps": args.steps,
             "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed,
-            "repeats": args.repeats, "threads": torch.get_num_threads(),
+            "repeats": args.repeats, "paired": bool(args.paired), "threads": torch.get_num_threads(),
             "attention": getattr(attn.optimized_attention, "__name__", str(attn.optimized_attention)),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
-            "speedup_reference": "fastest of the first and the final unpatched run",
+            "speedup_reference": ("median of the speedups of adjacent unpatched/variant pairs (--paired)"
+                                  if args.paired else "fastest of the first and the final unpatched run"),
             "peak_memory_method": PeakRSS.method,
             "family": family, "comfyui": _comfyui_version(),
         },
@@ -1239,9 +1258,13 @@ def markdown(report: dict) -> str:
         basis = r.get("flops_ideal_basis")
         if basis and not basis.startswith("FLOPs of one CFG model call") and r["flops_ideal_speedup"]:
             cache_notes.append(f"{r['variant']}: {basis}")
+    speedup_text = (f"Speedup = median over {c['repeats']} rounds of unpatched / variant, each variant timed right "
+                    f"next to its own unpatched run (--paired; order alternating per round; the s / image column is "
+                    f"the fastest run; unpatched {drift_text}). " if c.get("paired") else
+                    f"Speedup = fastest unpatched run / variant (unpatched {drift_text}). ")
     lines += [
         "",
-        f"Speedup = fastest unpatched run / variant (unpatched {drift_text}). "
+        speedup_text +
         "FLOPs-ideal = FlopCounterMode FLOPs of one CFG model call, unpatched / variant "
         "(matmuls, convs, attention; not element-wise work, sorts or gathers)"
         + (f"; for the caching rows the FLOPs of the whole run: {'; '.join(cache_notes)}" if cache_notes else "")

@@ -65,6 +65,21 @@ def test_bench_smoke_tiny(tmp_path):
     _check(_run(tmp_path, "--tiny", timeout=300))
 
 
+def test_bench_smoke_paired(tmp_path):
+    """--paired: every variant timed next to its own unpatched run; speedup = median of the pairs."""
+    report = _run(tmp_path, "--tiny", "--paired", "--repeats", "2", "--no-flops", "--skip-rerun", timeout=300)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert report["config"]["paired"] is True
+    assert len(rows["unpatched"]["seconds_all"]) == 2 * 3  # one unpatched run per variant and round
+    for name in VARIANTS.split(",")[1:]:
+        r = rows[name]
+        assert len(r["seconds_all"]) == 2 and len(r["pair_speedups"]) == 2
+        assert all(x > 0 and math.isfinite(x) for x in r["pair_speedups"])
+        lo, hi = sorted(r["pair_speedups"])
+        assert lo <= r["speedup"] <= hi  # the median of two pairs
+    assert rows["unpatched"]["pair_speedups"] == []
+
+
 @pytest.mark.slow
 def test_bench_smoke_full_size(tmp_path):
     """The real-size SD1.5 UNet (860 M parameters) at 64x64 px: minutes on 2 CPU cores (weight-bound)."""

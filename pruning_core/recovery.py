@@ -43,14 +43,11 @@ class PrunePlan:
         total = x.new_zeros(x.shape[0], self.n_kept, x.shape[-1]).scatter_add_(1, index, x)
         return total / self.group_sizes().to(x.dtype).unsqueeze(-1)
 
-    def _flat_source(self) -> torch.Tensor:
-        offsets = torch.arange(self.source.shape[0], device=self.source.device).unsqueeze(1) * self.n_kept
-        return (self.source + offsets).reshape(-1)
-
     def group_sizes(self) -> torch.Tensor:
         """``[B, N-K]``: how many tokens receive each kept token's output (itself included)."""
-        b = self.source.shape[0]
-        return torch.bincount(self._flat_source(), minlength=b * self.n_kept).view(b, self.n_kept).float()
+        ones = torch.ones(self.source.shape, dtype=torch.float32, device=self.source.device)
+        sizes = torch.zeros(self.source.shape[0], self.n_kept, dtype=torch.float32, device=self.source.device)
+        return sizes.scatter_add_(1, self.source, ones)
 
     def recover(self, y: torch.Tensor) -> torch.Tensor:
         """``[B, N-K, C]`` → ``[B, N, C]``."""

@@ -693,6 +693,23 @@ def test_dtype_tiny_models(method, dtype, logs, compat):
     assert_worked(logs, method)
 
 
+def _fresh_compile_state() -> None:
+    """Empty ComfyUI's model cache and dynamo's before a compile test.
+
+    Models left loaded by earlier tests get unloaded (and garbage-collected) whenever ComfyUI
+    needs room, which can fall between a test's two runs and retrace a frame for reasons that
+    are not ours.
+    """
+    import gc
+
+    import torch._dynamo
+
+    comfy.model_management.unload_all_models()
+    comfy.model_management.soft_empty_cache()
+    gc.collect()
+    torch._dynamo.reset()
+
+
 def _unique_graphs() -> int:
     import torch._dynamo.utils as du
     return int(du.counters["stats"].get("unique_graphs", 0))
@@ -704,17 +721,9 @@ def test_torch_compile_dynamo_graphs(method, logs, compat):
     """ComfyUI's TorchCompileModel node with dynamo's "eager" backend: the same tracing, guards
     and recompilations as inductor without the C++ code generation (8-10 min per model here)."""
     compat("torch.compile", "TorchCompileModel (dynamo, eager backend): correct, no recompile per step/run")
-    import torch._dynamo
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    # Models left loaded by earlier tests get unloaded (and garbage-collected) whenever ComfyUI
-    # needs room, which can fall between the two runs below and retrace a frame for reasons
-    # that are not ours: start from an empty model cache.
-    import gc
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
-    gc.collect()
-    torch._dynamo.reset()
+    _fresh_compile_state()
     base = micro("sd15")
     expected = sample(patch(method, base), steps=8)
     compiled = TorchCompileModel.execute(patch(method, base), "eager").result[0]
@@ -735,17 +744,9 @@ def test_torch_compile_dynamo_graphs(method, logs, compat):
 @pytest.mark.parametrize("method", METHODS)
 def test_torch_compile_inductor(method, logs, compat):
     compat("torch.compile", "TorchCompileModel node, inductor backend (CPU)")
-    import torch._dynamo
     from comfy_extras.nodes_torch_compile import TorchCompileModel
 
-    # Models left loaded by earlier tests get unloaded (and garbage-collected) whenever ComfyUI
-    # needs room, which can fall between the two runs below and retrace a frame for reasons
-    # that are not ours: start from an empty model cache.
-    import gc
-    comfy.model_management.unload_all_models()
-    comfy.model_management.soft_empty_cache()
-    gc.collect()
-    torch._dynamo.reset()
+    _fresh_compile_state()
     base = micro("sd15")
     expected = sample(patch(method, base))
     compiled = TorchCompileModel.execute(patch(method, base), "inductor").result[0]

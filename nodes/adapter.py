@@ -675,7 +675,7 @@ class _CatCall(threading.local):
     chunk: tuple | None = None
     selection: torch.Tensor | None = None  # [S] sorted token indices, None on full steps
     n_tokens: int = 0  # tokens of the selection's grid (image tokens on DiTs)
-    levels: dict | None = None  # UNet: tokens of each coarser eligible level -> the selection pooled to it
+    levels: dict | None = None  # UNet: tokens of each coarser eligible level -> the selection carried to it
     keep_attn2: bool = False  # an attn2 replace patch (IPAdapter style) expects every query
 
 
@@ -692,30 +692,25 @@ def _cond_rows(batch: int, cond_or_uncond) -> list[int]:
 
 
 def _token_grid_of_latent(h: int, w: int, factor: int) -> TokenGrid:
+    grid = TokenGrid(h, w)
     for _ in range(max(factor.bit_length() - 1, 0)):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return TokenGrid(h, w)
+        grid = grid.halved()
+    return grid
 
 
-def _coarser_selections(selection: torch.Tensor | None, grid: TokenGrid, halvings: int) -> dict:
-    """The selection carried to the next ``halvings`` coarser UNet levels: a token there is
-    recomputed when any token it covers is (2x2 max-pooling, ceil for odd sizes as the UNet's
-    stride-2 convolutions do). Keys are token counts, which identify the level of a call."""
-    out, h, w = {}, grid.h, grid.w
-    mask = None
-    if selection is not None:
-        mask = torch.zeros(grid.n, device=selection.device).index_fill_(0, selection, 1.0).reshape(1, 1, h, w)
+def _coarser_sizes(grid: TokenGrid, halvings: int) -> list[int]:
+    """Token counts of the next ``halvings`` coarser UNet levels; a count identifies the level
+    of a block call."""
+    sizes = []
     for _ in range(halvings):
-        h, w = (h + 1) // 2, (w + 1) // 2
-        if mask is not None:
-            mask = torch.nn.functional.max_pool2d(mask, 2, ceil_mode=True)
-        out[h * w] = None if mask is None else mask.flatten().nonzero().flatten()
-    return out
+        grid = grid.halved()
+        sizes.append(grid.n)
+    return sizes
 
 
 def _cat_level(n_tokens: int) -> tuple[bool, torch.Tensor | None]:
     """(eligible, selection) for a token sequence of this call: the selection's own grid, or a
-    coarser UNet level it was pooled to; (False, None) for anything else."""
+    coarser UNet level it was carried to; (False, None) for anything else."""
     if n_tokens == _CAT.n_tokens:
         return True, _CAT.selection
     if _CAT.levels and n_tokens in _CAT.levels:
@@ -755,13 +750,17 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
             return executor(*args, **kwargs)
         # one policy per token grid: area/regional conds run on crops of the latent
         grid = _token_grid_of_latent(x.shape[-2], x.shape[-1], token_factor)
-        cat = state.extra.setdefault("cat", {}).setdefault(grid, {"selections": {}, "previous": {}})
+        cat = state.extra.setdefault("cat", {}).setdefault(grid, {"selections": {}, "levels": {}, "previous": {}})
         if "policy" not in cat:
             cat["policy"] = policy_factory(grid)
         policy = cat["policy"]
         chunk = _chunk_key(to)
         role = cat_role(state.step, warmup_steps)
         selection = cat["selections"].get(state.step) if (role == CAT_PRUNED and state.active) else None
+        # coarser levels: the selection carried down (None on full steps: run whole, fill the caches)
+        levels = {n: None for n in _coarser_sizes(grid, halvings)}
+        if selection is not None:
+            levels.update(cat["levels"].get(state.step, {}))
         state.record.step_kinds.setdefault(state.step, "pruned" if selection is not None else "full")
         if selection is not None and state.step not in state.record.token_maps:
             codes = torch.full((grid.n,), 2, dtype=torch.uint8, device=selection.device)
@@ -773,7 +772,7 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
         previous = (_CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens, _CAT.keep_attn2, _CAT.levels)
         _CAT.uid, _CAT.state, _CAT.chunk, _CAT.selection, _CAT.n_tokens = uid, state, chunk, selection, grid.n
         _CAT.keep_attn2 = keep_attn2
-        _CAT.levels = _coarser_selections(selection, grid, halvings) if halvings > 0 else None
+        _CAT.levels = levels
         try:
             out = executor(*args, **kwargs)
         finally:
@@ -801,6 +800,9 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
                         cat["selections"][state.step + 1] = (
                             policy.first_selection(pred, row=None) if role == CAT_CLUSTER
                             else policy.next_selection(pred, row=None))
+                        if halvings > 0:
+                            cat["levels"][state.step + 1] = {
+                                g.n: sel for g, sel in policy.coarser_selections(halvings)}
         return out
 
     model.add_wrapper_with_key(W.APPLY_MODEL, f"{WRAPPER_PREFIX}.{uid}", apply_model_wrapper)

@@ -98,8 +98,8 @@ class CATPruneCache(io.ComfyNode):
                 build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="8",
                       tooltip="UNets: which levels recompute only the selected tokens. 8 (default) = every level with "
                               "attention, middle block included; auto = only the highest-resolution one (the "
-                              "selection's own grid); at coarser levels a token is recomputed when any token it covers "
-                              "is selected. Conv blocks always run in full. Ignored on SD3/Flux."),
+                              "selection's own grid); a coarser level recomputes the same share of its tokens, those "
+                              "covering the most selected ones. Conv blocks always run in full. Ignored on SD3/Flux."),
             ],
             outputs=[build(io.Model.Output, tooltip="The model with CAT Pruning applied.")],
         )

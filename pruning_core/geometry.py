@@ -34,6 +34,10 @@ class TokenGrid:
         wy, wx = self.windows(sy, sx)
         return wy * wx
 
+    def halved(self) -> "TokenGrid":
+        """The next coarser UNet level: sides halved and rounded up, as stride-2 convolutions do."""
+        return TokenGrid((self.h + 1) // 2, (self.w + 1) // 2)
+
 
 def grid_from_shapes(n_tokens: int, activations_shape=None, original_shape=None) -> TokenGrid:
     """Recover the grid of an ``N``-token sequence.

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from token_pruning_cache.pruning_core.cat import (CATConfig, CATState, first_selection, gather_tokens,
+from token_pruning_cache.pruning_core.cat import (CATConfig, CATState, carry_selection, first_selection, gather_tokens,
                                                   later_selection, merge_prediction, merge_tokens,
                                                   noise_relative_magnitude, prediction_tokens, rank_clusters,
                                                   selection_size, update_staleness)
@@ -262,3 +262,60 @@ def test_state_rejects_another_grid_and_needs_reference():
     idx = state.first_selection(torch.randn(1, 24, 4, generator=_gen(0)))
     _check_selection(idx, 24, 7)
     assert state.selected_mask().sum() == 7
+
+
+def test_carry_selection_keeps_the_most_covered_coarse_tokens():
+    """Odd sides round up; coverage counts only the real fine tokens under a coarse token, so an
+    edge token covering one selected token (1/1) outranks a full 2x2 window with 2 of 4 selected."""
+    grid = TokenGrid(5, 7)
+    selection = torch.tensor([0, 8, 34])  # (0,0), (1,1), (4,6)
+    coarse, kept = carry_selection(selection, grid, 1)
+    assert (coarse.h, coarse.w) == (3, 4)
+    assert kept.tolist() == [11]  # (2,3): 1 of its 1 token selected
+    _, kept = carry_selection(selection, grid, 2)
+    assert kept.tolist() == [0, 11]  # then (0,0): 2 of 4
+    _, kept = carry_selection(selection, grid, 4)
+    assert kept.tolist() == [0, 1, 2, 11]  # ties at coverage 0 go to the lower index without a staleness
+    _, everything = carry_selection(selection, grid, 99)
+    assert everything.tolist() == list(range(12))
+
+
+def test_carry_selection_breaks_ties_by_staleness():
+    grid = TokenGrid(4, 4)
+    selection = torch.tensor([0])  # covers a quarter of coarse token 0, nothing else
+    freq = torch.tensor([0.0, 1.0, 0.0, 0.5])
+    _, kept = carry_selection(selection, grid, 3, freq)
+    assert kept.tolist() == [0, 2, 3]  # 0 by coverage, then the stalest 2 (0.0) and 3 (0.5)
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (9, 13), (64, 64)])
+def test_state_carries_the_keep_ratio_to_every_coarser_level(hw):
+    grid = TokenGrid(*hw)
+    cfg = CATConfig(keep_ratio=0.3)
+    state, _ = _run(grid, steps=2, cfg=cfg)
+    levels = state.coarser_selections(3)
+    h, w = hw
+    for level, (g, kept) in enumerate(levels, start=1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        assert (g.h, g.w) == (h, w)
+        _check_selection(kept, g.n, selection_size(0.3, g.n))
+        assert state.level_freq[level].shape == (g.n,)
+    # the defining property on the first level: no dropped coarse token covers more of the selection
+    fine = torch.nn.functional.pad(state.selected_mask().float().reshape(grid.h, grid.w),
+                                   (0, grid.w % 2, 0, grid.h % 2), value=float("nan"))
+    g1, kept1 = levels[0]
+    coverage = fine.reshape(g1.h, 2, g1.w, 2).nanmean(dim=(1, 3)).flatten()
+    dropped = torch.ones(g1.n, dtype=torch.bool).index_fill_(0, kept1, False)
+    assert coverage[kept1].min() >= coverage[dropped].max()
+
+
+def test_state_rotates_tied_coarse_tokens_by_staleness():
+    state = CATState(TokenGrid(4, 4), CATConfig(keep_ratio=0.5, staleness_decay=0.5))
+    state.selection = torch.tensor([0])
+    picks = [state.coarser_selections(1)[0][1].tolist() for _ in range(3)]
+    assert picks == [[0, 1], [0, 2], [0, 3]]  # coarse 0 by coverage; the tied others take turns
+
+
+def test_state_needs_a_selection_to_carry():
+    with pytest.raises(RuntimeError, match="no selection"):
+        CATState(TokenGrid(4, 4)).coarser_selections(1)

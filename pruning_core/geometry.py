@@ -52,21 +52,21 @@ def grid_from_shapes(n_tokens: int, activations_shape=None, original_shape=None)
         if h * w == n_tokens:
             return TokenGrid(h, w)
     if original_shape is not None and len(original_shape) >= 4:
-        h, w = int(original_shape[-2]), int(original_shape[-1])
+        grid = TokenGrid(int(original_shape[-2]), int(original_shape[-1]))
         for _ in range(8):
-            if h * w == n_tokens:
-                return TokenGrid(h, w)
-            h, w = (h + 1) // 2, (w + 1) // 2
+            if grid.n == n_tokens:
+                return grid
+            grid = grid.halved()
     raise ValueError(f"cannot place {n_tokens} tokens on a grid (activations {activations_shape}, latent {original_shape})")
 
 
 def downsample_factor(grid: TokenGrid, original_shape) -> int:
     """Power-of-two factor between the latent and this grid (1 = full latent resolution)."""
-    h, w = int(original_shape[-2]), int(original_shape[-1])
+    level = TokenGrid(int(original_shape[-2]), int(original_shape[-1]))
     f = 1
     # both sides: a side of 1 (or 2) stops shrinking, so height alone misreads 1×N latents
-    while (h > grid.h or w > grid.w) and f < 1 << 8:
-        h, w = (h + 1) // 2, (w + 1) // 2
+    while (level.h > grid.h or level.w > grid.w) and f < 1 << 8:
+        level = level.halved()
         f *= 2
     return f
 

@@ -373,6 +373,7 @@ class _BlockPlans(threading.local):
     block: PrunePlan | None = None
     attn1: PrunePlan | None = None
     attn2: PrunePlan | None = None
+    kv: tuple | None = None  # CAT: (cache, selection or None, K/V input tensor) of this block's self-attention
 
 
 def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, record_kind: str = "sito") -> None:
@@ -844,7 +845,7 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         return (name, tuple(extra.get("block") or ()), extra.get("block_index", 0))
 
     def attn1_in(n, context, value, extra):
-        pending.attn1 = None
+        pending.attn1 = pending.kv = None
         eligible, selection = _cat_level(n.shape[1]) if _CAT.uid == uid else (False, None)
         if not eligible:
             return n, context, value
@@ -854,12 +855,14 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         if sel is None:
             if context is n:
                 cache["kv"] = n
+                pending.kv = (cache, None, n)  # full step: the K/V projections fill their caches
             return n, context, value
         q = n.index_select(1, sel)
         if context is not n:  # someone else changed K/V: leave them alone, prune the queries only
             return q, context, value
         kv = cache["kv"].index_copy(1, sel, q.to(cache["kv"].dtype))
         cache["kv"] = kv
+        pending.kv = (cache, sel, kv)
         return q, kv, kv
 
     def finish(name, n):
@@ -872,6 +875,7 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         return _merge_or_store(cache, "out", n, sel, n_tokens)
 
     def attn1_out(n, extra):
+        pending.kv = None
         return finish("attn1", n)
 
     def attn2_in(n, context, value, extra):
@@ -892,6 +896,30 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
     for path in transformer_block_paths(model, max_downsample):
         name = f"diffusion_model.{path}.ff.forward"
         _register(model, "object", _cat_ff(model.get_model_object(name), uid, path), name)
+        for proj in ("to_k", "to_v"):
+            name = f"diffusion_model.{path}.attn1.{proj}.forward"
+            _register(model, "object", _cat_kv_projection(model.get_model_object(name), pending, proj), name)
+
+
+def _cat_kv_projection(original, pending: _BlockPlans, proj: str):
+    """Self-attention ``to_k``/``to_v`` of an eligible block: on a pruned step only the selected
+    tokens are projected and the others' keys/values come from the block's cache (the issue's
+    per-block K/V cache); a full step projects every token and fills the cache. Anything but
+    the exact K/V tensor our input patch handed over (another pack changed it) runs as usual."""
+    def forward(x):
+        slot = pending.kv
+        if slot is None or slot[2] is not x:
+            return original(x)
+        cache, sel, _ = slot
+        cached = cache.get(proj)
+        if sel is None or cached is None or cached.shape[:2] != x.shape[:2]:
+            out = original(x)
+            cache[proj] = out
+            return out
+        out = cached.index_copy(1, sel, original(x.index_select(1, sel)).to(cached.dtype))
+        cache[proj] = out
+        return out
+    return forward
 
 
 def _cat_ff(original, uid: str, path: str):

@@ -5,7 +5,10 @@ and a Flux model.
 What is measured, and how:
   * Rows through the attention. UNet: forward pre-hooks on every ``attn1``/``attn2`` and on the
     first layer of every feed-forward (``ff.net[0]``; the pack object-patches ``ff.forward``,
-    so the hook sits one level below it and sees what really computes). The top attention
+    so the hook sits one level below it and sees what really computes). The self-attention
+    key/value projections are object-patched too (``attn1.to_k``/``to_v``), so their rows are
+    counted where the matrix product happens: a torch function mode records every
+    ``F.linear`` whose weight is one of those projections. The top attention
     level is found from the data: the blocks with the most tokens on a full step. DiTs:
     forward pre-hooks on the blocks themselves (SD3 ``joint_blocks[i]``, Flux
     ``double_blocks[i]``/``single_blocks[i]``), which the ``dit`` replace patch calls through
@@ -66,6 +69,23 @@ def summaries(caplog):
     return out
 
 
+class _LinearRows(torch.overrides.TorchFunctionMode):
+    """Records the rows of every ``F.linear`` call whose weight is one of ``weights`` (id -> tag)."""
+
+    def __init__(self, log, weights):
+        super().__init__()
+        self.log, self.weights = log, weights
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and self.log.calls:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            tag = self.weights.get(id(weight))
+            if tag is not None:
+                self.log.calls[-1]["rows"].append((tag[0], tag[1], args[0].shape[1]))
+        return func(*args, **kwargs)
+
+
 class CallLog:
     """Per diffusion-model call: sigma, cond_or_uncond, batch, rows through attention / DiT blocks,
     and the prediction returned by ``apply_model`` (after the pack's APPLY_MODEL wrapper)."""
@@ -90,12 +110,15 @@ class CallLog:
 
     def __enter__(self):
         self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
+        projections = {}
         for name, mod in self.dm.named_modules():
             kind = type(mod).__name__
             if kind == "BasicTransformerBlock":
                 self._hook(mod.attn1, self._attn(name, "attn1"))
                 self._hook(mod.attn2, self._attn(name, "attn2"))
                 self._hook(mod.ff.net[0], self._rows(name, "ff", lambda a, k: a[0].shape[1]))
+                projections[id(mod.attn1.to_k.weight)] = ("k1", name)
+                projections[id(mod.attn1.to_v.weight)] = ("v1", name)
             elif name.startswith("joint_blocks.") and name.count(".") == 1:
                 self._hook(mod, self._rows(name, "dit", lambda a, k: a[1].shape[1]))
             elif name.startswith("double_blocks.") and name.count(".") == 1:
@@ -103,9 +126,15 @@ class CallLog:
             elif name.startswith("single_blocks.") and name.count(".") == 1:
                 self._hook(mod, self._rows(name, "dit", lambda a, k: a[0].shape[1] - self.txt_tokens))
                 self._hook(mod, self._rows(name, "pe", lambda a, k: k["pe"].shape[2] - self.txt_tokens))
+        self._mode = _LinearRows(self, projections) if projections else None
+        if self._mode is not None:
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._mode = None
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -245,7 +274,7 @@ def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batc
     s = floor_keep(0.3, n_tokens)
     pruned_rows = {(what, name) for c in log.calls[warmup + 2:] for what, name, n in c["rows"] if n == s}
     for name in top_names:
-        for what in ("attn1", "attn2", "ff"):
+        for what in ("attn1", "attn2", "ff", "k1", "v1"):
             assert (what, name) in pruned_rows, f"{what} of {name} not pruned"
     assert summaries(caplog) == [(2, 2, 4, "unet")]
 
@@ -404,3 +433,21 @@ def test_unsupported_model_passes_through_with_one_warning(caplog):
     assert "UNetModel" in warnings[0].getMessage() and "unchanged" in warnings[0].getMessage()
     # and the model still samples as before
     assert torch.isfinite(run_sampler(out, latent_hw=(8, 8), batch=1, steps=1, cfg=1.0)).all()
+
+
+def test_cached_kv_projections_match_projecting_the_cached_inputs(models):
+    """A pruned step projects only the selected tokens' keys/values and takes the others from
+    the block's cache. Projections are linear per token, so this equals projecting the cached
+    K/V inputs of every token (the same model without the to_k/to_v object patches) up to
+    float rounding, on every step of a run with CFG and at both eligible levels."""
+    base = models("sd15")
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, max_downsample="2")
+    reference = m.clone()
+    dropped = [k for k in list(reference.object_patches) if k.endswith((".attn1.to_k.forward", ".attn1.to_v.forward"))]
+    assert dropped, "no key/value projection was patched"
+    for k in dropped:
+        del reference.object_patches[k]
+    a = run_sampler(m, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5)
+    b = run_sampler(reference, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5)
+    assert not torch.equal(a, run_sampler(base, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -899,42 +899,6 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         for proj in ("to_k", "to_v"):
             name = f"diffusion_model.{path}.attn1.{proj}.forward"
             _register(model, "object", _cat_kv_projection(model.get_model_object(name), pending, proj), name)
-    for path in dict.fromkeys(p.rsplit(".transformer_blocks.", 1)[0] for p in transformer_block_paths(model, max_downsample)):
-        for proj in ("proj_in", "proj_out"):
-            name = f"diffusion_model.{path}.{proj}.forward"
-            _register(model, "object", _cat_token_projection(model.get_model_object(name), uid, (proj, path)), name)
-
-
-def _cat_token_projection(original, uid: str, key):
-    """``proj_in``/``proj_out`` of an eligible spatial transformer (a 1×1 convolution on
-    ``[B, C, H, W]`` in SD1.x, a linear layer on ``[B, N, C]`` in SD2.x/SDXL). On a pruned step
-    only the selected tokens are projected; the others keep the block's cached projection, so an
-    unselected token gets the transformer's cached residual update (as on DiTs), and nothing
-    inside the blocks reads its ``proj_in`` output (its attention, K/V and feed-forward come
-    from the caches)."""
-    def forward(x):
-        if _CAT.uid != uid or x.dim() not in (3, 4):
-            return original(x)
-        spatial = x.dim() == 4
-        n = x.shape[2] * x.shape[3] if spatial else x.shape[1]
-        eligible, selection = _cat_level(n)
-        if not eligible:
-            return original(x)
-        cache = _cat_cache(key)
-        cached = cache.get("out")
-        if selection is None or cached is None or cached.shape[0] != x.shape[0] or (
-                cached.shape[2:] != x.shape[2:] if spatial else cached.shape[1] != n):
-            out = original(x)
-            cache["out"] = out
-            return out
-        if spatial:  # a 1x1 convolution of the selected pixels, laid out as an S x 1 image
-            picked = original(x.flatten(2).index_select(2, selection).unsqueeze(-1)).squeeze(-1)
-            out = cached.flatten(2).index_copy(2, selection, picked.to(cached.dtype)).view(cached.shape)
-        else:
-            out = cached.index_copy(1, selection, original(x.index_select(1, selection)).to(cached.dtype))
-        cache["out"] = out
-        return out
-    return forward
 
 
 def _cat_kv_projection(original, pending: _BlockPlans, proj: str):

@@ -6,9 +6,9 @@ What is measured, and how:
   * Rows through the attention. UNet: forward pre-hooks on every ``attn1``/``attn2`` and on the
     first layer of every feed-forward (``ff.net[0]``; the pack object-patches ``ff.forward``,
     so the hook sits one level below it and sees what really computes). The self-attention
-    key/value projections and the spatial transformers' ``proj_in``/``proj_out`` are
-    object-patched too, so their tokens are counted where the product happens: a torch
-    function mode records every ``F.linear``/``F.conv2d`` whose weight is one of them. The top attention
+    key/value projections are object-patched too (``attn1.to_k``/``to_v``), so their rows are
+    counted where the matrix product happens: a torch function mode records every
+    ``F.linear`` whose weight is one of those projections. The top attention
     level is found from the data: the blocks with the most tokens on a full step. DiTs:
     forward pre-hooks on the blocks themselves (SD3 ``joint_blocks[i]``, Flux
     ``double_blocks[i]``/``single_blocks[i]``), which the ``dit`` replace patch calls through
@@ -69,9 +69,8 @@ def summaries(caplog):
     return out
 
 
-class _ProjectionRows(torch.overrides.TorchFunctionMode):
-    """Records the tokens through every ``F.linear`` (rows) or ``F.conv2d`` (pixels) whose weight
-    is one of ``weights`` (id -> (what, block name))."""
+class _LinearRows(torch.overrides.TorchFunctionMode):
+    """Records the rows of every ``F.linear`` call whose weight is one of ``weights`` (id -> tag)."""
 
     def __init__(self, log, weights):
         super().__init__()
@@ -79,13 +78,11 @@ class _ProjectionRows(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in (torch.nn.functional.linear, torch.nn.functional.conv2d) and self.log.calls:
+        if func is torch.nn.functional.linear and self.log.calls:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             tag = self.weights.get(id(weight))
             if tag is not None:
-                x = args[0]
-                n = x.shape[1] if func is torch.nn.functional.linear else x.shape[2] * x.shape[3]
-                self.log.calls[-1]["rows"].append((tag[0], tag[1], n))
+                self.log.calls[-1]["rows"].append((tag[0], tag[1], args[0].shape[1]))
         return func(*args, **kwargs)
 
 
@@ -122,9 +119,6 @@ class CallLog:
                 self._hook(mod.ff.net[0], self._rows(name, "ff", lambda a, k: a[0].shape[1]))
                 projections[id(mod.attn1.to_k.weight)] = ("k1", name)
                 projections[id(mod.attn1.to_v.weight)] = ("v1", name)
-            elif kind == "SpatialTransformer":  # its projections count under its first block's name
-                projections[id(mod.proj_in.weight)] = ("proj_in", f"{name}.transformer_blocks.0")
-                projections[id(mod.proj_out.weight)] = ("proj_out", f"{name}.transformer_blocks.0")
             elif name.startswith("joint_blocks.") and name.count(".") == 1:
                 self._hook(mod, self._rows(name, "dit", lambda a, k: a[1].shape[1]))
             elif name.startswith("double_blocks.") and name.count(".") == 1:
@@ -132,7 +126,7 @@ class CallLog:
             elif name.startswith("single_blocks.") and name.count(".") == 1:
                 self._hook(mod, self._rows(name, "dit", lambda a, k: a[0].shape[1] - self.txt_tokens))
                 self._hook(mod, self._rows(name, "pe", lambda a, k: k["pe"].shape[2] - self.txt_tokens))
-        self._mode = _ProjectionRows(self, projections) if projections else None
+        self._mode = _LinearRows(self, projections) if projections else None
         if self._mode is not None:
             self._mode.__enter__()
         return self
@@ -280,7 +274,7 @@ def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batc
     s = floor_keep(0.3, n_tokens)
     pruned_rows = {(what, name) for c in log.calls[warmup + 2:] for what, name, n in c["rows"] if n == s}
     for name in top_names:
-        for what in ("attn1", "attn2", "ff", "k1", "v1") + (("proj_in", "proj_out") if name.endswith("blocks.0") else ()):
+        for what in ("attn1", "attn2", "ff", "k1", "v1"):
             assert (what, name) in pruned_rows, f"{what} of {name} not pruned"
     assert summaries(caplog) == [(2, 2, 4, "unet")]
 
@@ -457,30 +451,3 @@ def test_cached_kv_projections_match_projecting_the_cached_inputs(models):
     b = run_sampler(reference, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5)
     assert not torch.equal(a, run_sampler(base, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_unselected_tokens_keep_the_cached_transformer_update(models):
-    """On a pruned step an unselected token's spatial-transformer update (``proj_out``'s output,
-    which the transformer adds to its input) is the cached one: the update changes at most at
-    the S selected tokens of the top level, while on full steps it changes nearly everywhere."""
-    base = models("sd15")
-    top = [(n, mod) for n, mod in base.model.diffusion_model.named_modules()
-           if type(mod).__name__ == "SpatialTransformer"]
-    updates = {name: [] for name, _ in top}
-    handles = [mod.proj_out.register_forward_hook(lambda mod, a, out, name=name: updates[name].append(out.clone()))
-               for name, mod in top]
-    try:
-        run_sampler(apply_cat(base, keep_ratio=0.3, warmup_steps=0), latent_hw=UNET_HW, batch=1, steps=5, cfg=1.0)
-    finally:
-        for h in handles:
-            h.remove()
-    n_tokens = UNET_HW[0] * UNET_HW[1]
-    s = floor_keep(0.3, n_tokens)
-    top_level = [name for name, seq in updates.items() if seq[0].shape[2] * seq[0].shape[3] == n_tokens]
-    assert top_level
-    for name in top_level:
-        seq = updates[name]
-        assert len(seq) == 5  # cfg 1.0: one call per step
-        changed = [int((seq[k] != seq[k - 1]).any(dim=(0, 1)).sum()) for k in range(1, 5)]
-        assert changed[0] > s, (name, changed)  # step 1 (clustering) is full
-        assert all(0 < c <= s for c in changed[1:]), (name, changed)  # steps 2-4 are pruned

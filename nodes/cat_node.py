@@ -73,7 +73,8 @@ class CATPruneCache(io.ComfyNode):
             category=CATEGORY,
             description=("CAT Pruning (arXiv 2502.00433): after a few full warm-up steps, each step recomputes only "
                          "the tokens whose prediction drifted most (ranked by spatial cluster) plus the stalest ones; "
-                         "all other tokens reuse cached attention/feed-forward outputs and their previous prediction. "
+                         "all other tokens reuse cached attention keys/values and attention/feed-forward outputs, and their "
+                         "previous prediction; UNet conv blocks always run in full. "
                          "SD1.x/SD2.x/SDXL UNets, SD3 and Flux."),
             inputs=[
                 build(io.Model.Input, id="model", tooltip="The diffusion model to accelerate. It is cloned, never modified."),

@@ -42,6 +42,8 @@ Variants are ``method[-modifier...][@ratio]``:
                                  ds2 / ds4  also prune the 1/2 (and 1/4) resolution levels
                                  xattn  also prune cross-attention queries;  mlp  also the FF
   dato[-official|-aggressive]@R, deepcache[-5|-10]@R   this pack's DaTo node (UNet only)
+  dato-custom@R                  DaTo with the schedule given by --dato-schedule (the node's
+                                 custom_schedule syntax, resampled to --steps like the node does)
   cat@R                          this pack's CAT node (keep_ratio R; UNet and DiT)
   easycache@T, lazycache@T       ComfyUI core's EasyCache / LazyCache nodes (reuse_threshold T)
 On the MMDiT only unpatched, cat, lazycache and easycache apply (SiTo, DaTo/DeepCache, ToMe and
@@ -140,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name (default normal)")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (default 7.5; != 1 gives batch-2 UNet calls)")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, conds, random weights and pruning (default 0)")
+    p.add_argument("--dato-schedule", default=None, metavar="SCHEDULE",
+                   help="the schedule of the dato-custom variant, in the node's custom_schedule syntax, "
+                        "e.g. \"F S1 R S1x3 R S1 Rx4 S1x2 F Rx3 S1 R\"")
     p.add_argument("--variants", default=None,
                    help=f"comma-separated list (default: {DEFAULT_VARIANTS}; with --family mmdit: "
                         f"{DEFAULT_DIT_VARIANTS})")
@@ -177,9 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.checkpoint and args.family != "sd15":
         p.error("--family chooses the random-weight model; with --checkpoint the checkpoint decides the family")
     try:
-        variants = [parse_variant(s) for s in args.variants.split(",") if s.strip()]
+        variants = [parse_variant(s, args.dato_schedule) for s in args.variants.split(",") if s.strip()]
         if args.profile:
-            variants.append(parse_variant(args.profile))
+            variants.append(parse_variant(args.profile, args.dato_schedule))
     except ValueError as e:
         p.error(str(e))
     if args.family == "mmdit":
@@ -212,12 +217,13 @@ class Variant:
     mlp: bool = False
     search: str | None = None  # SiTo similarity_search ("local" | "global"); None = the node's default
     recovery: str | None = None  # SiTo recovery ("base" | "kept" | "merge"); None = the node's default
-    preset: str | None = None  # DaTo schedule preset (dato / deepcache variants)
+    preset: str | None = None  # DaTo schedule preset (dato / deepcache variants); "custom" = schedule
+    schedule: str | None = None  # dato-custom: the custom_schedule text (--dato-schedule)
 
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
-    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, aggressive)",
+    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, aggressive) or custom",
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds1/ds2/ds4/ds8 = max_downsample (default 8: all levels)",
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
@@ -225,7 +231,8 @@ CACHE_METHODS = {
 }
 
 
-def parse_variant(spec: str) -> Variant:
+def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
+    """``dato_schedule``: the schedule text of a ``dato-custom`` variant (``--dato-schedule``)."""
     spec = spec.strip()
     name, _, ratio = spec.partition("@")
     method, *mods = name.split("-")
@@ -238,7 +245,11 @@ def parse_variant(spec: str) -> Variant:
             raise ValueError(f"variant {spec!r}: needs a ratio ({CACHE_METHODS[method]})")
         v = Variant(spec, method, ratio=float(ratio))
         if method == "dato":
-            v.preset = "dato_" + (mods[0] if mods else "official")
+            v.preset = "custom" if mods == ["custom"] else "dato_" + (mods[0] if mods else "official")
+            if v.preset == "custom":
+                if not (dato_schedule or "").strip():
+                    raise ValueError(f"variant {spec!r} needs --dato-schedule")
+                v.schedule = dato_schedule
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
         elif method == "cat":
@@ -522,6 +533,8 @@ def patch(base, v: Variant, seed: int):
         return apply_random(base, v.ratio, v.max_downsample, v.qonly, v.xattn, v.mlp, seed)
     if v.method in ("dato", "deepcache"):
         from token_pruning_cache.nodes.dato_node import apply_dato
+        if v.preset == "custom":
+            return apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed)
         return apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed)
     if v.method == "cat":
         from token_pruning_cache.nodes.cat_node import apply_cat
@@ -605,7 +618,9 @@ def schedule_ideal(v: Variant, steps: int, shallow_cost: float = 0.13) -> float 
     if v.method not in ("dato", "deepcache"):
         return None
     from token_pruning_cache.nodes.dato_node import PRESETS
-    return PRESETS[v.preset](steps, 1).ideal_speedup(shallow_cost=shallow_cost)
+    from token_pruning_cache.pruning_core.schedule import Schedule
+    sched = Schedule.parse(v.schedule).resample(steps) if v.preset == "custom" else PRESETS[v.preset](steps, 1)
+    return sched.ideal_speedup(shallow_cost=shallow_cost)
 
 
 # --------------------------------------------------------------------------------------
@@ -765,7 +780,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if not args.verbose:
         pl.propagate = False
 
-    variants = [parse_variant(s) for s in args.variants.split(",") if s.strip()]
+    variants = [parse_variant(s, args.dato_schedule) for s in args.variants.split(",") if s.strip()]
     if not variants or variants[0].method != "unpatched":
         variants = [parse_variant("unpatched")] + [v for v in variants if v.method != "unpatched"]
     else:
@@ -813,7 +828,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 opts["recovery"] = v.recovery
         res = Result(label, v.method, v.ratio, opts)
         if v.method in CACHE_METHODS:
-            res.options = {"preset": v.preset} if v.preset else {}
+            res.options = ({"preset": v.preset} if v.preset else {}) | ({"schedule": v.schedule} if v.schedule else {})
             res.ideal = schedule_ideal(v, args.steps)
             if v.method == "cat" and not args.no_flops and ref_flops:
                 from token_pruning_cache.nodes.cat_node import apply_cat
@@ -1075,7 +1090,7 @@ def run_profile(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
     logging.getLogger(PACK_ALIAS).setLevel(logging.WARNING)
     base, _ = build_model(args)
-    problem = family_problem([parse_variant(args.profile)], model_family(base))
+    problem = family_problem([parse_variant(args.profile, args.dato_schedule)], model_family(base))
     if problem:
         raise SystemExit(problem)
     latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed)
@@ -1088,7 +1103,7 @@ def run_profile(args: argparse.Namespace) -> dict:
     out = {}
     specs = ["unpatched"] + ([args.profile] if args.profile != "unpatched" else [])
     for spec in specs:
-        v = parse_variant(spec)
+        v = parse_variant(spec, args.dato_schedule)
         if v.method == "cat":
             # CAT's full steps cost what unpatched ones do; profile its first pruned step instead:
             # warmup 0 -> step 1 reference, step 2 clustering, step 3 pruned.

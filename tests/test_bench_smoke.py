@@ -157,3 +157,21 @@ def test_bench_mmdit_refuses_what_cannot_run(tmp_path):
     assert proc.returncode != 0
     assert "DIFFUSION_MODEL" in proc.stderr and "lazycache" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "mmdit.json").exists()
+
+
+def test_bench_dato_custom_schedule(tmp_path):
+    """dato-custom@R runs the schedule given by --dato-schedule through the node's custom_schedule:
+    the pack's summary line counts its steps and the ideal speedup is the schedule's own."""
+    out = tmp_path / "custom.json"
+    cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--steps", "3", "--no-flops", "--skip-rerun",
+           "--variants", "unpatched,dato-custom@0", "--dato-schedule", "F S1 R", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = {r["variant"]: r for r in json.loads(out.read_text())["results"]}["dato-custom@0"]
+    assert "1 full / 1 shallow / 1 reused of 3 steps" in (row["pack_summary"] or ""), row["pack_summary"]
+    assert row["flops_ideal_speedup"] == pytest.approx(3 / 1.13)
+    assert math.isfinite(row["rel_error"]) and row["rel_error"] > 0
+
+    proc = subprocess.run([sys.executable, str(BENCH), "--variants", "unpatched,dato-custom@0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "needs --dato-schedule" in proc.stderr

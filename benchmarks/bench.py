@@ -245,11 +245,12 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
             raise ValueError(f"variant {spec!r}: needs a ratio ({CACHE_METHODS[method]})")
         v = Variant(spec, method, ratio=float(ratio))
         if method == "dato":
-            v.preset = "custom" if mods == ["custom"] else "dato_" + (mods[0] if mods else "official")
-            if v.preset == "custom":
+            if mods == ["custom"]:
                 if not (dato_schedule or "").strip():
                     raise ValueError(f"variant {spec!r} needs --dato-schedule")
-                v.schedule = dato_schedule
+                v.preset, v.schedule = "custom", dato_schedule
+            else:
+                v.preset = "dato_" + (mods[0] if mods else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
         elif method == "cat":

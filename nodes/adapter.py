@@ -373,7 +373,7 @@ class _BlockPlans(threading.local):
     block: PrunePlan | None = None
     attn1: PrunePlan | None = None
     attn2: PrunePlan | None = None
-    kv: tuple | None = None  # CAT: (cache, selection or None, K/V input tensor) of this block's self-attention
+    kv: torch.Tensor | None = None  # CAT: the K/V input our attn1 patch handed to this block's self-attention
 
 
 def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, record_kind: str = "sito") -> None:
@@ -854,15 +854,13 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         sel = pending.attn1[1]
         if sel is None:
             if context is n:
-                cache["kv"] = n
-                pending.kv = (cache, None, n)  # full step: the K/V projections fill their caches
+                cache["kv"] = pending.kv = n  # full step: the K/V projections fill their caches
             return n, context, value
         q = n.index_select(1, sel)
         if context is not n:  # someone else changed K/V: leave them alone, prune the queries only
             return q, context, value
         kv = cache["kv"].index_copy(1, sel, q.to(cache["kv"].dtype))
-        cache["kv"] = kv
-        pending.kv = (cache, sel, kv)
+        cache["kv"] = pending.kv = kv
         return q, kv, kv
 
     def finish(name, n):
@@ -905,20 +903,14 @@ def _cat_kv_projection(original, pending: _BlockPlans, proj: str):
     """Self-attention ``to_k``/``to_v`` of an eligible block: on a pruned step only the selected
     tokens are projected and the others' keys/values come from the block's cache (the issue's
     per-block K/V cache); a full step projects every token and fills the cache. Anything but
-    the exact K/V tensor our input patch handed over (another pack changed it) runs as usual."""
+    the exact K/V tensor our input patch handed over (another pack changed it) runs as usual.
+    The block's cache and selection are those its attn1 input patch left in ``pending.attn1``."""
     def forward(x):
-        slot = pending.kv
-        if slot is None or slot[2] is not x:
+        if pending.kv is not x:  # set together with pending.attn1 by the attn1 input patch
             return original(x)
-        cache, sel, _ = slot
-        cached = cache.get(proj)
-        if sel is None or cached is None or cached.shape[:2] != x.shape[:2]:
-            out = original(x)
-            cache[proj] = out
-            return out
-        out = cached.index_copy(1, sel, original(x.index_select(1, sel)).to(cached.dtype))
-        cache[proj] = out
-        return out
+        cache, selection, _ = pending.attn1
+        sel = selection if _cat_ready(cache, x, selection, (proj,)) else None
+        return _merge_or_store(cache, proj, original(x if sel is None else x.index_select(1, sel)), sel, x.shape[1])
     return forward
 
 

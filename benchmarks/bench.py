@@ -41,7 +41,7 @@ Variants are ``method[-modifier...][@ratio]``:
   modifiers (sito, random):      qonly  keys/values stay full (prune_kv=False, like ToMe)
                                  ds2 / ds4  also prune the 1/2 (and 1/4) resolution levels
                                  xattn  also prune cross-attention queries;  mlp  also the FF
-  dato[-official|-aggressive]@R, deepcache[-5|-10]@R   this pack's DaTo node (UNet only)
+  dato[-official|-official-dense|-aggressive]@R, deepcache[-5|-10]@R   this pack's DaTo node (UNet only)
   dato-custom@R                  DaTo with the schedule given by --dato-schedule (the node's
                                  custom_schedule syntax, resampled to --steps like the node does)
   cat@R                          this pack's CAT node (keep_ratio R; UNet and DiT)
@@ -223,7 +223,7 @@ class Variant:
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
-    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, aggressive) or custom",
+    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or custom",
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds1/ds2/ds4/ds8 = max_downsample (default 8: all levels)",
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
@@ -250,7 +250,7 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                     raise ValueError(f"variant {spec!r} needs --dato-schedule")
                 v.preset, v.schedule = "custom", dato_schedule
             else:
-                v.preset = "dato_" + (mods[0] if mods else "official")
+                v.preset = "dato_" + ("_".join(mods) if mods else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
         elif method == "cat":

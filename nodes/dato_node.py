@@ -18,9 +18,13 @@ from .sito_node import CATEGORY, DOWNSAMPLE_CHOICES
 log = logging.getLogger("token_pruning_cache")
 
 # Presets are functions of the run's step count and the shallow depth. DaTo's lists were made
-# for 50 steps and are resampled by relative position; DeepCache intervals stay intervals.
+# for 50 steps and are resampled by relative position (Schedule.resample): by default each kind
+# of step keeps its share of the run, so the preset keeps its speed at any step count; the
+# _dense preset keeps every full step of the list instead. DeepCache intervals stay intervals.
 PRESETS = {
     "dato_official": lambda n, d: _with_depth(sched.Schedule.dato_search_old(n), d),
+    "dato_official_dense": lambda n, d: _with_depth(
+        sched.Schedule.dato_search_old().resample(n, keep_refreshes=True), d),
     "dato_aggressive": lambda n, d: _with_depth(sched.Schedule.aggressive(n), d),
     "deepcache_5": lambda n, d: sched.Schedule.deepcache(n, 5, d),
     "deepcache_10": lambda n, d: sched.Schedule.deepcache(n, 10, d),
@@ -28,8 +32,10 @@ PRESETS = {
 }
 DEFAULT_PRESET = "dato_official"
 PRESET_HELP = ("dato_official: the schedule of the paper's final runs (5 full / 20 shallow / 25 reused at 50 steps, "
-               "~7x); dato_aggressive: ours, ~9x at 50 steps; deepcache_5/10: a full step every 5/10 steps, shallow "
-               "in between; pruning_only: every step full, token pruning only.")
+               "~7x), each kind of step keeping its share at other step counts (3 / 8 / 9 at 20 steps); "
+               "dato_official_dense: the same list keeping all 5 full steps at any step count (slower below 50 "
+               "steps, closer to the unpatched image); dato_aggressive: ours, ~9x at 50 steps; deepcache_5/10: a "
+               "full step every 5/10 steps, shallow in between; pruning_only: every step full, token pruning only.")
 SYNTAX_HELP = ("Steps separated by spaces: F = full, S2 = shallow with 2 outer block pairs, R = reuse the previous "
                "prediction, S1x3 = three S1 steps. E.g. 'F S1x4 F R S1x3'. Resampled to the step count; step 0 is always full.")
 

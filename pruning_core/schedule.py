@@ -38,7 +38,9 @@ it), so no shallow/reuse step can precede the first full one.
 """
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Sequence
 
@@ -198,33 +200,54 @@ class Schedule:
 
     # ---- transformations --------------------------------------------------------------
 
-    def resample(self, n_steps: int) -> "Schedule":
+    def resample(self, n_steps: int, *, keep_refreshes: bool = False) -> "Schedule":
         """Map this schedule onto ``n_steps`` steps by relative position.
 
-        Source step ``i`` of ``T`` lands on target step ``⌊i·n/T⌋``; a target step takes the
-        most computing of the source steps that land on it (FULL > deeper SHALLOW > REUSE),
-        and a target step on which none lands (only when ``n > T``) copies the source step
-        at its position, ``⌊j·T/n⌋``.
+        Target step ``j`` covers the stretch ``[j·T/n, (j+1)·T/n)`` of the ``T`` source steps.
 
-        Why the maximum and not a point sample: with fewer steps a point sample jumps over
-        full steps (DeepCache interval 5 at 50 steps, point-sampled at 7 steps, keeps 2 of its
-        10 refreshes: the source steps 0 and 35), while each step now spans a larger stretch
-        of the noise schedule. Keeping every
-        refresh means cached features are never staler, relative to the whole run, than in
-        the source — so short runs get proportionally more FULL steps and less speedup.
-        Stretching (``n > T``) keeps the proportions, hence the ideal speedup, of the source
-        exactly for whole multiples of ``T`` and approximately otherwise.
-        Step 0 comes from source step 0, so it stays FULL; ``resample(len(self))`` is ``self``.
+        Default, **share-preserving**: step 0 stays FULL and every kind of step (F, each
+        shallow depth, R) keeps its share of the other ``T − 1`` source steps among the other
+        ``n − 1`` target steps, so the schedule stays about as fast as the source (DaTo's
+        50-step list: 3 full / 8 shallow / 9 reused at 20 steps). Target step ``j`` of those
+        takes the kind the run owes most — the overlap-weighted source steps covered so far
+        minus the steps already given out (error diffusion; ties go to the more computing
+        kind) — so each kind's count is within one of its share and its steps sit near where
+        the source has them.
+
+        ``keep_refreshes=True``, **every refresh kept**: source step ``i`` lands on target
+        ``⌊i·n/T⌋`` and a target takes the most computing of the source steps that land on it
+        (FULL > deeper SHALLOW > REUSE; a target nothing lands on copies source ``⌊j·T/n⌋``).
+        Cached features are then never staler, relative to the whole run, than in the source,
+        so short runs get proportionally more FULL steps and less speedup (DaTo's list keeps
+        its 5 full steps at 20 steps); a whole-multiple stretch repeats every source step.
+
+        Both: ``resample(len(self))`` is ``self`` and ``resample(1)`` is ``F``.
         """
         n = int(n_steps)
         if n < 1:
             raise ValueError(f"cannot resample a schedule to {n_steps} steps; need at least 1")
         t = len(self.steps)
-        landed: list[list[Step]] = [[] for _ in range(n)]
-        for i, s in enumerate(self.steps):
-            landed[i * n // t].append(s)
-        out = [max(group, key=Step.cost_rank) if group else self.steps[j * t // n]
-               for j, group in enumerate(landed)]
+        if keep_refreshes:
+            landed: list[list[Step]] = [[] for _ in range(n)]
+            for i, s in enumerate(self.steps):
+                landed[i * n // t].append(s)
+            return Schedule(tuple(max(group, key=Step.cost_rank) if group else self.steps[j * t // n]
+                                  for j, group in enumerate(landed)))
+        # Step 0 is FULL at every step count (the invariant), so it is carried over as it is and
+        # the other T - 1 source steps are shared out over the other n - 1 target steps.
+        head, tail, m = self.steps[0], self.steps[1:], n - 1
+        if not tail:
+            return Schedule((head,) * n)
+        owed: dict[Step, Fraction] = {}
+        out = [head]
+        for j in range(m):
+            lo, hi = Fraction(j * len(tail), m), Fraction((j + 1) * len(tail), m)
+            for i in range(int(lo), math.ceil(hi)):
+                covered = min(hi, i + 1) - max(lo, i)
+                owed[tail[i]] = owed.get(tail[i], 0) + covered * m / len(tail)
+            pick = max(owed, key=lambda s: (owed[s], s.cost_rank()))
+            owed[pick] -= 1
+            out.append(pick)
         return Schedule(tuple(out))
 
     def clamp_depth(self, max_depth: int) -> "Schedule":

@@ -144,9 +144,11 @@ NOTES = {
              "highest-resolution level that has attention (SDXL: its 1/2 level). prune_kv off = queries only "
              "(more faithful, slower). The preview node shows base (green), kept (grey) and pruned (red) tokens."),
     "dato": ("DaTo Prune + Cache (arXiv 2501.00375). schedule dato_official = the paper's final schedule "
-             "(5 full / 20 shallow / 25 reused steps at 50 steps), resampled to your step count; it is made for "
-             "50 steps, use fewer only with deepcache_5/pruning_only. prune_ratio 0.4 prunes self-attention tokens "
-             "whose prediction changed least. custom_schedule e.g. 'F S1x4 F R S1x3' overrides the preset."),
+             "(5 full / 20 shallow / 25 reused steps at 50 steps), resampled to your step count with each kind of "
+             "step keeping its share (3 / 8 / 9 at 20 steps); dato_official_dense keeps all 5 full steps at any "
+             "step count (slower below 50 steps, closer to the unpatched image). prune_ratio 0.4 prunes "
+             "self-attention tokens whose prediction changed least. custom_schedule e.g. 'F S1x4 F R S1x3' "
+             "overrides the preset."),
     "cat": ("CAT Pruning (arXiv 2502.00433). After warmup_steps full steps, a reference step and a clustering "
             "step, each step recomputes only keep_ratio (0.3) of the tokens: the most-changed clusters plus the "
             "stalest tokens, on every UNet level with attention (max_downsample 8); the rest reuse cached features "

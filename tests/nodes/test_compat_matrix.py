@@ -43,7 +43,9 @@ from token_pruning_cache.nodes.sito_node import SiToTokenPruning, apply_sito
 METHODS = ("sito", "dato", "cat")
 SETTINGS = {
     "sito": dict(prune_ratio=0.5),
-    "dato": dict(prune_ratio=0.4),
+    # every kind of step, and a refresh after reused steps, at any step count (the presets
+    # themselves are tested in test_dato_node.py)
+    "dato": dict(prune_ratio=0.4, custom_schedule="F S1 R F S1 R"),
     "cat": dict(keep_ratio=0.3, warmup_steps=1),
 }
 APPLY = {"sito": apply_sito, "dato": apply_dato, "cat": apply_cat}
@@ -54,13 +56,21 @@ LOGGER = "token_pruning_cache"
 HW = (13, 19)  # latent of the resolution rows: non-square, no side a multiple of 2, 8, 16 or 64
 SMALL = (9, 7)  # latent of most other rows (odd sides too), to keep the fast part within budget
 STACK_HW = (8, 12)  # stacking rows: HyperTile only tiles sides that have a divisor >= 4
-STEPS = 6  # DaTo's default preset has a shallow step from 6 steps on; CAT (warm-up 1) prunes from step 3 (4th)
+STEPS = 6  # DaTo's schedule below fits 6 steps exactly; CAT (warm-up 1) prunes from step 3 (4th)
 # CFG on (cond + uncond batched). Random-weight models make larger scales chaotic: at cfg 5 any
 # perturbation of the prediction, pruning included, gives a relative error of ~1 after 4 steps.
 CFG = 1.5
 # "Close to the unpatched run": relative L2 distance of the final latents. Random-weight
-# models amplify every perturbation, so this is loose; broken recovery/caching gives > 1.
+# models amplify every perturbation, so this is loose; broken recovery/caching gives > 1 (an
+# unrelated image is ~1.4). DaTo's rows take shallow and reused steps on top of its pruning: per
+# image of the batch-3 row, pruning alone (r=0.4, every step full) is up to 0.53 from the
+# unpatched run and the schedule below up to 0.60 (F S1x5, F R F R F R: 0.60 too).
 CLOSE = 0.6
+CLOSE_CACHED = 0.7
+
+
+def close(*methods: str) -> float:
+    return max(CLOSE_CACHED if m == "dato" else CLOSE for m in methods)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_torch_thread")]
 
@@ -284,7 +294,7 @@ def test_resolution(method, kind, hw, logs, compat):
     base = micro(kind)
     ref = reference(("res", kind, hw), base, hw=hw)
     out = sample(patch(method, base), hw=hw)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -296,7 +306,7 @@ def test_resolution_65x97(method, logs, compat):
     kw = dict(hw=(65, 97), steps=4, cfg=1.0)  # 6305 tokens: one chunk per call keeps the row ~1 min
     ref = reference(("res", "sd15", (65, 97)), base, **kw)
     out = sample(patch(method, base), **kw)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -311,9 +321,9 @@ def test_batch_with_cfg(method, batch, logs, compat):
     base = micro("sd15")
     ref = reference(("batch", batch), base, batch=batch)
     out = sample(patch(method, base), batch=batch)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     for i in range(batch):  # every image of the batch, not only the batch as a whole
-        assert_close(out[i:i + 1], ref[i:i + 1])
+        assert_close(out[i:i + 1], ref[i:i + 1], close(method))
     assert_worked(logs, method)
 
 
@@ -326,7 +336,7 @@ def test_cfg_one_drops_uncond(method, logs, compat):
     with probe:
         out = sample(probe.model, cfg=1.0)
     assert probe.calls and all(c[1] == [0] for c in probe.calls), probe.calls  # ComfyUI really dropped uncond
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -363,7 +373,7 @@ def test_cond_uncond_as_separate_calls(method, split_cond_uncond, logs, compat):
         assert len(cou) == 1 and b == 2, probe.calls
         by_sigma.setdefault(sigma, []).append(tuple(cou))
     assert len(by_sigma) == STEPS and all(sorted(v) == [(0,), (1,)] for v in by_sigma.values()), by_sigma
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
     if method in ("sito", "cat"):  # self-attention ran on fewer tokens in cond AND in uncond calls
         kinds = {tuple(probe.calls[i][1]) for i in probe.shortened_calls()}
@@ -393,7 +403,7 @@ def test_area_conditioning_many_chunks(method, kind, logs, compat):
     shapes = {(h, w) for _, _, _, h, w in probe.calls}
     assert {(13, 19), (8, 8), (7, 9)} <= shapes, shapes
     assert max(len(c[1]) for c in probe.calls) > 2, probe.calls  # ComfyUI batched >2 chunks into one call
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -412,7 +422,7 @@ def test_sampler(method, sampler, logs, compat):
     base = micro("sd15")
     ref = reference(("sampler", sampler), base, sampler=sampler)
     out = sample(patch(method, base), sampler=sampler)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -425,7 +435,7 @@ def test_steps(method, steps, logs, compat):
     hw = (8, 8) if steps >= 20 else SMALL
     ref = reference(("steps", steps), base, hw=hw, steps=steps)
     out = sample(patch(method, base), hw=hw, steps=steps)
-    assert_close(out, ref, CLOSE if steps > 1 else 0.75)  # 1 step: the raw x0 prediction at sigma_max
+    assert_close(out, ref, close(method) if steps > 1 else 0.75)  # 1 step: the raw x0 prediction at sigma_max
     lines = summaries(logs, method)
     assert len(lines) == 1 and f"{steps} steps" in lines[0], lines
     assert_worked(logs, method)  # (DaTo's step 0 is always full; CAT warms up: 1 step = nothing to do)
@@ -443,7 +453,7 @@ def test_img2img_denoise_half(method, logs, compat):
     init = _init_latent()
     ref = reference(("img2img",), base, latent=init, denoise=0.5, steps=8)
     out = sample(patch(method, base), latent=init, denoise=0.5, steps=8)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert "8 steps" in summaries(logs, method)[-1]
     assert_worked(logs, method)
 
@@ -462,8 +472,8 @@ def test_hires_fix_two_pass(method, logs, compat):
     model = patch(method, base)
     first = sample(model, hw=small, steps=10)
     second = sample(model, latent=upscale(first), denoise=0.5, steps=10)
-    assert_close(first, ref1)
-    assert_close(second, ref2)
+    assert_close(first, ref1, close(method))
+    assert_close(second, ref2, close(method))
     fresh = sample(patch(method, base), latent=upscale(first), denoise=0.5, steps=10)
     assert torch.equal(second, fresh), f"second pass depends on the first: rel {rel(second, fresh):.2e}"
     assert_worked(logs, method, runs=3)
@@ -495,7 +505,7 @@ def test_after_lora(method, logs, compat):
     ref = reference(("lora",), lora)
     ours_on_base = sample(patch(method, base))
     out = sample(patch(method, lora))
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert rel(out, ours_on_base) > 1e-3, "the LoRA weight patch was lost under our patch"
     assert {k: list(v) for k, v in lora.patches.items()} == lora_patches
     assert_worked(logs, method, runs=2)
@@ -512,7 +522,7 @@ def test_two_of_ours_chained(method, second, logs, compat):
     base = micro("sd15")
     ref = reference(("default",), base)
     out = sample(patch(other, patch(method, base)))
-    assert_close(out, ref)
+    assert_close(out, ref, close(method, second))
     warnings = our_warnings(logs)
     assert len(warnings) <= 1, warnings
     if warnings:
@@ -562,7 +572,7 @@ def test_with_core_patch_node(method, core, order, logs, compat):
     model = patch(method, CORE[core](base)) if order == "core-first" else CORE[core](patch(method, base))
     torch.manual_seed(0)
     out = sample(model, hw=STACK_HW, steps=8)
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     warnings = our_warnings(logs)
     assert len(warnings) <= 1, warnings
     if warnings:
@@ -620,7 +630,7 @@ def test_controlnet_style_residual(method, logs, compat):
     before = dict(calls)
     out = sample(add_residual(patch(method, base)))
     assert calls["in"] > before["in"] and calls["out"] > before["out"]
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     assert_worked(logs, method)
 
 
@@ -650,7 +660,7 @@ def test_attn2_replace_ipadapter_style(method, logs, compat):
     seen["calls"] = 0
     out = sample(add_replace(patch(method, base)))
     assert seen["calls"] > 0
-    assert_close(out, ref)
+    assert_close(out, ref, close(method))
     warnings = our_warnings(logs)
     if seen["mismatch"]:
         # pruned queries reached another pack's attn2 replacement: only acceptable with one warning

@@ -28,7 +28,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from tiny_models import build, make_conds, run_sampler, sample_sigmas, step_of
-from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato
+from token_pruning_cache.nodes.dato_node import DEFAULT_PRESET, PRESETS, DaToPruneCache, apply_dato
 from token_pruning_cache.pruning_core.schedule import FULL, REUSE, Schedule
 
 HW = (8, 8)
@@ -231,19 +231,35 @@ def test_samplers_keep_the_schedule_aligned_to_steps(sd15, sampler, caplog):
     assert summaries(caplog) == [expected_counts(schedule)]
 
 
+OFFICIAL_PRESETS = {  # preset -> (its schedule at n steps, its counts at 20 steps)
+    "dato_official": (lambda n: Schedule.dato_search_old(n), (3, 8, 9, 20)),  # each kind keeps its share
+    "dato_official_dense": (lambda n: Schedule.dato_search_old().resample(n, keep_refreshes=True),
+                            (5, 11, 4, 20)),  # all five full steps kept
+}
+
+
+@pytest.mark.parametrize("preset", list(OFFICIAL_PRESETS))
 @pytest.mark.parametrize("steps", [10, 20, 50])
-def test_official_preset_at_10_20_50_steps(sd15, steps, caplog):
-    m = apply_dato(sd15, prune_ratio=0.4)  # default preset: the official 50-step list, resampled
+def test_official_presets_at_10_20_50_steps(sd15, steps, preset, caplog):
+    m = apply_dato(sd15, prune_ratio=0.4, schedule=preset)  # the official 50-step list, resampled
     sigmas = sample_sigmas(sd15, steps)
     with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
         out = run_sampler(m, latent_hw=HW, batch=1, steps=steps, cfg=1.0)
     assert torch.isfinite(out).all()
-    schedule = Schedule.dato_search_old(steps)
+    make, at_20 = OFFICIAL_PRESETS[preset]
+    schedule = make(steps)
     assert assert_calls_follow(log, schedule, sigmas) == list(range(steps))
     assert summaries(caplog) == [expected_counts(schedule)]
     if steps == 50:
         assert expected_counts(schedule) == (5, 20, 25, 50)
+    if steps == 20:
+        assert expected_counts(schedule) == at_20
     assert schedule.reuse_count > 0 and schedule.shallow_count > 0, "the preset must exercise shallow and reuse steps"
+
+
+def test_default_preset_is_the_share_keeping_official_list():
+    assert DEFAULT_PRESET == "dato_official"
+    assert PRESETS[DEFAULT_PRESET](20, 1) == Schedule.dato_search_old().resample(20)
 
 
 @pytest.mark.parametrize("cfg", [7.5, 1.0])

@@ -132,13 +132,45 @@ SOURCES = [Schedule.dato_search_old(), Schedule.aggressive(), Schedule.deepcache
            Schedule.parse("F R S2 R S1 F Rx4"), Schedule.parse("F")]
 
 
+@pytest.mark.parametrize("keep_refreshes", [False, True], ids=["share", "keep_refreshes"])
 @pytest.mark.parametrize("src", SOURCES, ids=str)
-@pytest.mark.parametrize("n", [1, 7, 10, 20, 49, 50, 51, 100, 137])
-def test_resample_invariants(src, n):
-    out = src.resample(n)
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 20, 49, 50, 51, 100, 137])
+def test_resample_invariants(src, n, keep_refreshes):
+    out = src.resample(n, keep_refreshes=keep_refreshes)
     assert_invariants(out, n)
     # every kind in the output exists in the source (nothing invented)
     assert set(out) <= set(src)
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("n", [2, 7, 10, 20, 30, 49, 51, 100, 137])
+def test_resample_keeps_each_kinds_share(src, n):
+    # step 0 stays FULL; every kind's count among the other n - 1 steps is within one step of
+    # its share of the source's other T - 1 steps
+    out = src.resample(n)
+    if len(src) == 1:
+        assert out == Schedule((F,) * n)
+        return
+    for kind in set(src):
+        share = src.steps[1:].count(kind) / (len(src) - 1)
+        assert abs(out.steps[1:].count(kind) - share * (n - 1)) < 1, kind
+
+
+def test_resample_keeps_each_kinds_place():
+    # the k-th step of a kind lands near where the source has its k-th step of that kind
+    src = Schedule.dato_search_old()
+    out = src.resample(20)
+    assert (out.full_count, out.shallow_count, out.reuse_count) == (3, 8, 9)
+    src_full = [i / 50 for i, s in enumerate(src) if s == F]  # 0, .26, .46, .70, .90
+    out_full = [j / 20 for j, s in enumerate(out) if s == F]
+    for x in out_full:
+        assert min(abs(x - y) for y in src_full) <= 0.1
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=str)
+@pytest.mark.parametrize("n", [1, 7, 10, 20, 49, 50, 51, 100, 137])
+def test_resample_keep_refreshes(src, n):
+    out = src.resample(n, keep_refreshes=True)
     if n <= len(src):
         # no refresh is lost: every source FULL lands on a FULL target step
         t = len(src)
@@ -151,27 +183,41 @@ def test_resample_invariants(src, n):
         assert out.ideal_speedup() == pytest.approx(src.ideal_speedup())
 
 
+@pytest.mark.parametrize("keep_refreshes", [False, True], ids=["share", "keep_refreshes"])
 @pytest.mark.parametrize("src", SOURCES, ids=str)
-def test_resample_to_same_length_is_identity(src):
-    assert src.resample(len(src)) == src
+def test_resample_to_same_length_is_identity(src, keep_refreshes):
+    assert src.resample(len(src), keep_refreshes=keep_refreshes) == src
 
 
-def test_resample_to_one_step_is_full():
-    assert str(Schedule.dato_search_old().resample(1)) == "F"
+@pytest.mark.parametrize("keep_refreshes", [False, True], ids=["share", "keep_refreshes"])
+def test_resample_to_one_step_is_full(keep_refreshes):
+    assert str(Schedule.dato_search_old().resample(1, keep_refreshes=keep_refreshes)) == "F"
+
+
+def test_resample_share_keeps_the_ideal_speedup():
+    # the point of the default: DaTo's 50-step list stays a fast schedule at other step counts
+    src = Schedule.dato_search_old()
+    assert src.ideal_speedup() == pytest.approx(6.58, abs=0.01)
+    for n in (20, 25, 30, 100):
+        assert src.resample(n).ideal_speedup() > 4.9
+        assert src.resample(n, keep_refreshes=True).ideal_speedup() <= src.ideal_speedup()
+    assert src.resample(20, keep_refreshes=True).full_count == 5
 
 
 def test_resample_keeps_refreshes_when_shrinking():
     # a point sample of DeepCache interval 5 at 7 steps would keep only step 0's refresh;
     # every 7-step bin of a 50-step interval-5 schedule contains a refresh
-    assert Schedule.deepcache(50, 5).resample(7) == Schedule.pruning_only(7)
+    assert Schedule.deepcache(50, 5).resample(7, keep_refreshes=True) == Schedule.pruning_only(7)
     # search_old's 5 refreshes survive at 10 steps
-    ten = Schedule.dato_search_old().resample(10)
+    ten = Schedule.dato_search_old().resample(10, keep_refreshes=True)
     assert ten.full_count == 5 and ten[0] == F
 
 
 def test_resample_prefers_deeper_shallow_over_reuse():
     s = Schedule.parse("F R S1 R S3 R")
-    assert str(s.resample(3)) == "F S1 S3"
+    assert str(s.resample(3, keep_refreshes=True)) == "F S1 S3"
+    # share: ties between equally owed kinds go to the more computing one
+    assert str(Schedule.parse("F S1 R").resample(4)) == "F S1x2 R"
 
 
 def test_resample_rejects_zero_steps():

@@ -41,6 +41,11 @@ RUN_KEY = "token_pruning_cache"  # transformer_options key holding {uid: RunStat
 ATTACHMENT_KEY = "token_pruning_cache"  # ModelPatcher attachment: list of (uid, method) on this model
 WRAPPER_PREFIX = "token_pruning_cache"
 DISPLAY_NAMES = {"sito": "SiTo Token Pruning", "dato": "DaTo Prune + Cache", "cat": "CAT Pruning"}
+# Why a block call was left unpruned when another patch shortens the token sequence: one ahead of
+# ours in the attn1 patch list, or one after ours (its output patch runs before our recovery).
+CHANGED_BEFORE = "another patch had already changed their token sequence (put this node first in the chain)"
+PATCH_AFTER = ("another pack's self-attention patch (e.g. ToMe, HyperTile) comes after this node; "
+               "apply this node after it in the graph")
 
 # Decisions recorded during the most recent runs, for the preview node. Bounded, and holds
 # only small CPU tensors; it is never read by sampling itself.
@@ -297,8 +302,7 @@ def install_run_lifecycle(model, uid: str, method: str, start_percent: float, en
         to[RUN_KEY] = runs
         if foreign_after:
             state.pruning_off = True
-            state.skip("another pack's self-attention patch (e.g. ToMe, HyperTile) comes after this node; "
-                       "apply this node after it in the graph")
+            state.skip(PATCH_AFTER)
         if on_start is not None:
             on_start(state, guider)
 
@@ -394,7 +398,7 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
             grid = grid_from_shapes(n.shape[1], extra.get("activations_shape"), extra.get("original_shape"))
         except ValueError:
             # another patch (ToMe, HyperTile, a second pruning node) already changed the sequence
-            state.skip("another patch had already changed their token sequence (put this node first in the chain)")
+            state.skip(CHANGED_BEFORE)
             return n, context, value
         if downsample_factor(grid, extra.get("original_shape") or [grid.h, grid.w]) > how.max_downsample:
             return n, context, value
@@ -838,6 +842,16 @@ def _cat_ready(cache: dict, n: torch.Tensor, selection, slots: tuple[str, ...]) 
     return all(s in cache and cache[s].shape[0] == n.shape[0] and cache[s].shape[1] == n.shape[1] for s in slots)
 
 
+def _sequence_changed(n_tokens: int, extra: dict) -> bool:
+    """Whether a block call's token count fits no grid of this latent: a patch ahead of ours
+    pruned or merged tokens (the rule SiTo/DaTo use to step aside)."""
+    try:
+        grid_from_shapes(n_tokens, extra.get("activations_shape"), extra.get("original_shape"))
+    except ValueError:
+        return True
+    return False
+
+
 def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
     pending = _BlockPlans()  # reuse the per-thread slots: attn1 = the selection for this block call
 
@@ -848,6 +862,8 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         pending.attn1 = pending.kv = None
         eligible, selection = _cat_level(n.shape[1]) if _CAT.uid == uid else (False, None)
         if not eligible:
+            if _CAT.uid == uid and n.dim() == 3 and _sequence_changed(n.shape[1], extra):
+                _CAT.state.skip(CHANGED_BEFORE)
             return n, context, value
         cache = _cat_cache(key(extra, "attn1"))
         pending.attn1 = (cache, selection if _cat_ready(cache, n, selection, ("kv", "out")) else None, n.shape[1])
@@ -870,6 +886,10 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         if slot is None:
             return n
         cache, sel, n_tokens = slot
+        if n.shape[1] != (n_tokens if sel is None else sel.numel()):
+            # a patch after ours shortened the sequence and its output patch has not restored it
+            _CAT.state.skip(PATCH_AFTER)
+            return n
         return _merge_or_store(cache, "out", n, sel, n_tokens)
 
     def attn1_out(n, extra):

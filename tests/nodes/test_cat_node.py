@@ -451,3 +451,34 @@ def test_cached_kv_projections_match_projecting_the_cached_inputs(models):
     b = run_sampler(reference, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5)
     assert not torch.equal(a, run_sampler(base, latent_hw=UNET_HW, batch=2, steps=5, cfg=7.5))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cat_first", [True, False], ids=["cat_then_sito", "sito_then_cat"])
+def test_self_attention_shared_with_sito_one_node_yields_and_says_so(models, cat_first, caplog):
+    """SiTo and CAT both shorten the top level's self-attention. The node applied first sees the
+    other's patch after its own and leaves those calls alone, saying so in one warning; the other
+    node does its work. (CAT first used to store SiTo's pruned output as its attention cache and
+    then stay unpruned without a word.) The run is still a normal image."""
+    from token_pruning_cache.nodes.sito_node import apply_sito
+
+    base = models("sd15")
+    ref = run_sampler(base, latent_hw=UNET_HW, batch=1, steps=4, cfg=1.0)
+    if cat_first:
+        m = apply_sito(apply_cat(base, keep_ratio=0.3, warmup_steps=0), prune_ratio=0.5)
+    else:
+        m = apply_cat(apply_sito(base, prune_ratio=0.5), keep_ratio=0.3, warmup_steps=0)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
+        out = run_sampler(m, latent_hw=UNET_HW, batch=1, steps=4, cfg=1.0)
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 0.6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    first = "CAT Pruning:" if cat_first else "SiTo Token Pruning:"
+    assert warnings[0].startswith(first), warnings
+    assert re.search(r"\d+ calls left unpruned because another pack's self-attention patch .* comes after this node",
+                     warnings[0]), warnings[0]
+    if cat_first:  # SiTo pruned
+        sito = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SiTo:")]
+        assert len(sito) == 1 and re.search(r"[1-9]\d*/\d+ tokens pruned", sito[0]), sito
+    else:  # CAT pruned its steps
+        assert summaries(caplog) == [(2, 2, 4, "unet")]

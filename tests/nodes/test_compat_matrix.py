@@ -522,7 +522,7 @@ def test_two_of_ours_chained(method, second, logs, compat):
     base = micro("sd15")
     ref = reference(("default",), base)
     out = sample(patch(other, patch(method, base)))
-    assert_close(out, ref, close(method, second))
+    assert_close(out, ref, close(method, other))
     warnings = our_warnings(logs)
     assert len(warnings) <= 1, warnings
     if warnings:

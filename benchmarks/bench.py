@@ -618,10 +618,9 @@ def schedule_ideal(v: Variant, steps: int, shallow_cost: float = 0.13) -> float 
     """Ideal speedup of a DaTo/DeepCache schedule: T / (full + shallow_cost·shallow), reuse free."""
     if v.method not in ("dato", "deepcache"):
         return None
-    from token_pruning_cache.nodes.dato_node import PRESETS
-    from token_pruning_cache.pruning_core.schedule import Schedule
-    sched = Schedule.parse(v.schedule).resample(steps) if v.preset == "custom" else PRESETS[v.preset](steps, 1)
-    return sched.ideal_speedup(shallow_cost=shallow_cost)
+    from token_pruning_cache.nodes.dato_node import schedule_maker
+    make, _ = schedule_maker(v.preset, v.schedule or "")
+    return make(steps, 1).ideal_speedup(shallow_cost=shallow_cost)
 
 
 # --------------------------------------------------------------------------------------

@@ -380,6 +380,15 @@ class _BlockPlans(threading.local):
     kv: torch.Tensor | None = None  # CAT: the K/V input our attn1 patch handed to this block's self-attention
 
 
+def _grid_of_call(n_tokens: int, extra: dict) -> TokenGrid | None:
+    """The token grid of a block call, or None when its token count fits no grid of the latent:
+    a patch ahead of ours (ToMe, HyperTile, another pruning node) already changed the sequence."""
+    try:
+        return grid_from_shapes(n_tokens, extra.get("activations_shape"), extra.get("original_shape"))
+    except ValueError:
+        return None
+
+
 def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, record_kind: str = "sito") -> None:
     """Register the attention patch pairs (and FF object patches) that prune tokens of ``uid``.
 
@@ -394,10 +403,8 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner, 
         state = run_state(extra, uid)
         if state is None or not state.active or state.pruning_off:
             return n, context, value
-        try:
-            grid = grid_from_shapes(n.shape[1], extra.get("activations_shape"), extra.get("original_shape"))
-        except ValueError:
-            # another patch (ToMe, HyperTile, a second pruning node) already changed the sequence
+        grid = _grid_of_call(n.shape[1], extra)
+        if grid is None:
             state.skip(CHANGED_BEFORE)
             return n, context, value
         if downsample_factor(grid, extra.get("original_shape") or [grid.h, grid.w]) > how.max_downsample:
@@ -842,16 +849,6 @@ def _cat_ready(cache: dict, n: torch.Tensor, selection, slots: tuple[str, ...]) 
     return all(s in cache and cache[s].shape[0] == n.shape[0] and cache[s].shape[1] == n.shape[1] for s in slots)
 
 
-def _sequence_changed(n_tokens: int, extra: dict) -> bool:
-    """Whether a block call's token count fits no grid of this latent: a patch ahead of ours
-    pruned or merged tokens (the rule SiTo/DaTo use to step aside)."""
-    try:
-        grid_from_shapes(n_tokens, extra.get("activations_shape"), extra.get("original_shape"))
-    except ValueError:
-        return True
-    return False
-
-
 def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
     pending = _BlockPlans()  # reuse the per-thread slots: attn1 = the selection for this block call
 
@@ -862,7 +859,7 @@ def _install_cat_unet(model, uid: str, max_downsample: int) -> None:
         pending.attn1 = pending.kv = None
         eligible, selection = _cat_level(n.shape[1]) if _CAT.uid == uid else (False, None)
         if not eligible:
-            if _CAT.uid == uid and n.dim() == 3 and _sequence_changed(n.shape[1], extra):
+            if _CAT.uid == uid and n.dim() == 3 and _grid_of_call(n.shape[1], extra) is None:
                 _CAT.state.skip(CHANGED_BEFORE)
             return n, context, value
         cache = _cat_cache(key(extra, "attn1"))

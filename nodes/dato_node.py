@@ -46,6 +46,15 @@ def _with_depth(schedule, depth):
     return sched.Schedule.of(sched.Step.shallow(depth) if s.kind == sched.SHALLOW else s for s in schedule)
 
 
+def schedule_maker(schedule=DEFAULT_PRESET, custom_schedule=""):
+    """``(make, label)``: ``make(n_steps, depth)`` gives the run's schedule (before depth
+    clamping); a non-empty ``custom_schedule`` overrides the preset and is resampled."""
+    if custom_schedule and custom_schedule.strip():
+        custom = sched.Schedule.parse(custom_schedule)
+        return (lambda n, d: custom.resample(n)), "custom"
+    return PRESETS[schedule], schedule
+
+
 def dato_problem(prune_ratio, sx=2, sy=2, schedule=DEFAULT_PRESET, custom_schedule="", start_percent=0.0, end_percent=1.0):
     problem = DaToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy).problem()
     if problem:
@@ -76,11 +85,7 @@ def apply_dato(model, *, prune_ratio=0.4, schedule=DEFAULT_PRESET, custom_schedu
     if warning:
         log.warning("DaTo Prune + Cache: %s", warning)
     depth_cap = adapter.max_cache_depth(model)
-    if custom_schedule and custom_schedule.strip():
-        custom = sched.Schedule.parse(custom_schedule)
-        make_schedule, label = (lambda n, d: custom.resample(n)), "custom"
-    else:
-        make_schedule, label = PRESETS[schedule], schedule
+    make_schedule, label = schedule_maker(schedule, custom_schedule)
     depth = min(cache_depth, depth_cap)
     probe = make_schedule(50, depth).clamp_depth(depth_cap)
     cfg = DaToConfig(prune_ratio=prune_ratio, sx=sx, sy=sy, dynamics_weight=dynamics_weight,

@@ -486,3 +486,150 @@ def test_sdxl_uses_its_own_depth_and_level(sdxl, caplog):
     full_level = (HW[0] // 2) * (HW[1] // 2)
     assert full_level not in lengths, f"SDXL's top attention level was not pruned: {sorted(lengths)}"
     assert full_level - int(0.4 * full_level) in lengths and (HW[0] // 4) * (HW[1] // 4) in lengths
+
+
+# --------------------------------------------------------------------------------------
+# Dynamics: which map the planner gets, and what each dynamics option changes
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro15():
+    from tiny_models import micro
+    return micro("sd15")
+
+
+class PlanSpy:
+    """Wraps the node's ``dato_plan``: records, per planner call, the model call it belongs to
+    (the index in ``log.calls``), the dynamics map it was given, the call's cond_or_uncond and
+    the plan's base tokens."""
+
+    def __init__(self, monkeypatch, log):
+        import token_pruning_cache.nodes.dato_node as node
+        from token_pruning_cache.pruning_core.dato import dato_plan as real
+        self.log, self.seen = log, []
+
+        def spy(x, grid, cfg, dynamics, dynamics_grid, generator, cond_or_uncond=None):
+            plan = real(x, grid, cfg, dynamics, dynamics_grid, generator, cond_or_uncond)
+            self.seen.append({"call": len(log.calls) - 1, "map": None if dynamics is None else dynamics.clone(),
+                              "grid": dynamics_grid, "cond_or_uncond": cond_or_uncond,
+                              "base": None if plan is None else plan.base.clone()})
+            return plan
+        monkeypatch.setattr(node, "dato_plan", spy)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_dynamics_map_comes_from_the_last_two_evaluations_of_the_same_chunk(micro15, monkeypatch):
+    """Cond and uncond in separate calls: each chunk's map is D of *its own* last two computed
+    predictions; a reused step adds no evaluation, so the map of the step after it is still
+    the one from before the reuse; shallow steps are evaluations."""
+    _, neg = make_conds("sd15", seed=1)
+    pos, _ = make_conds("sd15", seed=0)
+    monkeypatch.setattr(comfy.samplers, "can_concat_cond", lambda c1, c2: c1 is c2)
+    text = "F F R F S1 F"
+    m = apply_dato(micro15, prune_ratio=0.4, custom_schedule=text, noise_alpha=0.0)
+    with CallLog(micro15) as log:
+        spy = PlanSpy(monkeypatch, log)
+        run_sampler(m, latent_hw=HW, batch=1, steps=6, positive=pos, negative=neg)
+    sigmas = sample_sigmas(micro15, 6)
+    schedule = Schedule.parse(text)
+    assert len(log.calls) == 12 and all(len(c["cond_or_uncond"]) == 1 for c in log.calls)
+    computed: dict = {0: [], 1: []}  # chunk -> its computed predictions so far
+    checked = {"none": 0, "map": 0, "after_reuse": 0}
+    for k, call in enumerate(log.calls):
+        chunk = call["cond_or_uncond"][0]
+        step = schedule[step_of(call["sigma"], sigmas)]
+        plans = [s for s in spy.seen if s["call"] == k]
+        if step.kind == REUSE:
+            assert not plans, f"call {k}: a reused step planned pruning"
+            assert torch.equal(call["eps"], computed[chunk][-1])
+            continue
+        assert plans, f"call {k} ({step}) planned no pruning"
+        prev = computed[chunk]
+        for p in plans:
+            assert p["cond_or_uncond"] == [chunk]
+            if len(prev) < 2:
+                assert p["map"] is None, f"call {k}: a map before two evaluations of chunk {chunk}"
+                checked["none"] += 1
+            else:
+                want = ((prev[-1].float() - prev[-2].float()).abs().mean(dim=1)).reshape(1, -1)
+                torch.testing.assert_close(p["map"], want, rtol=0, atol=0)
+                assert p["grid"] == (HW[0], HW[1]) or (p["grid"].h, p["grid"].w) == HW
+                checked["map"] += 1
+                if schedule[step_of(call["sigma"], sigmas) - 1].kind == REUSE:
+                    checked["after_reuse"] += 1
+        computed[chunk].append(call["eps"])
+    assert checked["none"] > 0 and checked["map"] > 0 and checked["after_reuse"] > 0, checked
+    # and the maps really are per chunk: cond and uncond maps differ
+    maps = {tuple(p["cond_or_uncond"]): p["map"] for p in spy.seen if p["map"] is not None}
+    assert set(maps) == {(0,), (1,)} and not torch.equal(maps[(0,)], maps[(1,)])
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_base_tokens_are_the_argmax_of_the_map_in_a_real_run(micro15, monkeypatch):
+    """noise_alpha 0: every planner call that has a map anchors each window on its most
+    dynamic token (the map resized to the block's grid is the identity at the top level)."""
+    from token_pruning_cache.pruning_core.selection import select_base_tokens
+    from token_pruning_cache.pruning_core.geometry import TokenGrid
+
+    m = apply_dato(micro15, prune_ratio=0.4, schedule="pruning_only", noise_alpha=0.0)
+    with CallLog(micro15) as log:
+        spy = PlanSpy(monkeypatch, log)
+        run_sampler(m, latent_hw=HW, batch=1, steps=4)
+    with_map = [p for p in spy.seen if p["map"] is not None]
+    assert with_map and len(with_map) < len(spy.seen)
+    grid = TokenGrid(*HW)
+    for p in with_map:
+        assert torch.equal(p["base"], select_base_tokens(p["map"], grid, 2, 2))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_align_cfg_in_a_real_cfg_batch(micro15, monkeypatch):
+    """CFG batch (cond + uncond in one call): with align_cfg every plan's cond rows carry the
+    uncond rows' base tokens; without it they differ in some call."""
+    def bases(align):
+        m = apply_dato(micro15, prune_ratio=0.4, schedule="pruning_only", align_cfg=align)
+        with CallLog(micro15) as log:
+            spy = PlanSpy(monkeypatch, log)
+            run_sampler(m, latent_hw=HW, batch=1, steps=4, cfg=7.5)
+        assert all(sorted(s["cond_or_uncond"]) == [0, 1] for s in spy.seen)
+        out = []
+        for s in spy.seen:
+            c = s["cond_or_uncond"].index(0)
+            out.append((s["base"][c], s["base"][1 - c]))
+        return out
+
+    aligned = bases(True)
+    assert aligned and all(torch.equal(c, u) for c, u in aligned)
+    assert not all(torch.equal(c, u) for c, u in bases(False))
+
+
+DYNAMICS_OPTIONS = [dict(noise_alpha=0.0), dict(dynamics_weight=0.0), dict(dynamics_weight=5.0),
+                    dict(sign_flip=True), dict(align_cfg=True), dict(seed=1)]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("opts", DYNAMICS_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_each_dynamics_option_changes_the_base_tokens_and_the_image(micro15, monkeypatch, opts):
+    """Against the default setting, the same run: each option changes the base tokens of some
+    block call that has a map, and the final latent; the number of pruned tokens per call is
+    the same (the option changes which tokens, not how many)."""
+    def run(**kw):
+        m = apply_dato(micro15, prune_ratio=0.4, schedule="pruning_only", **kw)
+        with CallLog(micro15) as log:
+            spy = PlanSpy(monkeypatch, log)
+            out = run_sampler(m, latent_hw=HW, batch=1, steps=4, cfg=7.5)
+        return out, spy.seen, log
+
+    ref_out, ref_plans, ref_log = run()
+    out, plans, log = run(**opts)
+    assert len(plans) == len(ref_plans) > 0
+    assert [len(c["attn1"]) for c in log.calls] == [len(c["attn1"]) for c in ref_log.calls]
+    assert sorted(n for c in log.calls for _, n in c["attn1"]) == sorted(n for c in ref_log.calls for _, n in c["attn1"])
+    assert any(n < HW[0] * HW[1] for c in log.calls for _, n in c["attn1"]), "nothing was pruned"
+    changed = [k for k, (a, b) in enumerate(zip(plans, ref_plans)) if not torch.equal(a["base"], b["base"])]
+    assert changed, f"{opts}: no block call chose other base tokens than the default"
+    if opts != dict(seed=1):
+        # the options act on the dynamics score: the calls without a map (the first two steps)
+        # draw the same random base tokens as the default
+        assert all(plans[k]["map"] is not None for k in changed) or "align_cfg" in opts
+    assert not torch.equal(out, ref_out), f"{opts}: same image as the default"

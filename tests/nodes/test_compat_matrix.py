@@ -4,9 +4,11 @@ users actually do, through ComfyUI's real sampler (``comfy.sample.sample``).
 Every row is parametrised over the three methods with the settings of ``SETTINGS`` (SiTo
 r=0.5, DaTo default preset r=0.4, CAT keep 0.3 with one warm-up step so that pruned steps
 happen in short runs). A row passes when the patched model gives a finite result close to the
-same run of the unpatched (or identically co-patched) model *and* the method actually did its
-work (its one summary log line says so), or - where the row allows it - when the node gives
-one clear warning instead.
+same run of the unpatched (or identically co-patched) model, *not equal* to it, *and* the
+method actually did its work, measured from the model's own calls (tests/work_meter.py: self-
+attention query rows not computed, ResBlocks skipped, model calls answered from a cache; never
+from the pack's summary line), or - where the row allows it - when the node gives one clear
+warning instead and then is bit-identical to the reference wherever it measurably did nothing.
 
 Speed. Most rows use "micro" models built like ``tiny_models`` (same ComfyUI classes and
 configs, same seeded init, real context/pooled widths) with 64 instead of 320 base channels:
@@ -23,7 +25,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import re
 import threading
 
 import pytest
@@ -36,8 +37,9 @@ import comfy.samplers
 import comfy.utils
 import tiny_models as tm
 from tiny_models import build, make_conds
+from work_meter import WorkMeter
 from token_pruning_cache.nodes.cat_node import CATPruneCache, apply_cat
-from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato
+from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato, schedule_maker
 from token_pruning_cache.nodes.sito_node import SiToTokenPruning, apply_sito
 
 METHODS = ("sito", "dato", "cat")
@@ -81,6 +83,18 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.m
 
 _MODELS: dict = {}
 _REFS: dict = {}
+_REF_WORK: dict = {}  # reference key -> WorkMeter of that reference run
+# Per test (reset by the autouse fixture below): the WorkMeter of every sample() call that was
+# not a reference run, in order, and the key of the reference the test used last.
+_RUNS: list = []
+_LAST_REF: dict = {}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_work_log():
+    _RUNS.clear()
+    _LAST_REF.clear()
+    yield
 
 
 def micro(kind: str = "sd15", dtype: torch.dtype = torch.float32):
@@ -136,15 +150,22 @@ def sample(model, hw=SMALL, batch=1, steps=STEPS, cfg=CFG, sampler="euler", sche
     if positive is None or negative is None:
         positive, negative = make_conds(kind, seed=seed)
     noise = comfy.sample.prepare_noise(latent, seed)
-    out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                              denoise=denoise, disable_pbar=True, seed=seed, callback=callback)
+    meter = WorkMeter(model)
+    meter.steps = steps
+    _RUNS.append(meter)
+    with meter:
+        out = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                  denoise=denoise, disable_pbar=True, seed=seed, callback=callback)
     return out.float().cpu()
 
 
 def reference(key, model, **kw) -> torch.Tensor:
-    """Cached run of an unpatched (or only co-patched) model; ``key`` must identify model + settings."""
+    """Cached run of an unpatched (or only co-patched) model; ``key`` must identify model + settings.
+    Its WorkMeter is kept apart from the test's own runs (what the co-patches alone do)."""
     if key not in _REFS:
         _REFS[key] = sample(model, **kw)
+        _REF_WORK[key] = _RUNS.pop()
+    _LAST_REF["key"] = key
     return _REFS[key]
 
 
@@ -152,11 +173,15 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def assert_close(out, ref, tol=CLOSE) -> float:
+def assert_close(out, ref, tol=CLOSE, differs=True) -> float:
+    """Upper bound (close to the reference) and, with ``differs``, lower bound: not the
+    reference itself (a node that passes the model through fails here)."""
     assert out.shape == ref.shape, (out.shape, ref.shape)
     assert torch.isfinite(out).all(), "non-finite output"
     err = rel(out, ref)
     assert err < tol, f"relative error {err:.3f} >= {tol}"
+    if differs:
+        assert not torch.equal(out, ref), "patched output is bit-identical to the reference: the node did nothing"
     return err
 
 
@@ -168,32 +193,58 @@ def our_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
 
 
-def did_work(method: str, line: str) -> bool:
-    """Whether a summary line reports that the method did all of its work.
+def expected_work(method: str, steps: int) -> dict:
+    """What a run of ``steps`` steps with SETTINGS[method] must measurably do.
 
-    SiTo: tokens pruned. DaTo: tokens pruned and, when the run's schedule has any, shallow or
-    reused steps taken. CAT: pruned steps (warm-up 1: from step 3 on).
+    SiTo: prune self-attention tokens. DaTo: prune, and skip ResBlocks on the steps its
+    schedule (resampled to ``steps``) makes shallow or reused. CAT (warm-up 1): prune from step
+    3 on, so only runs of 4 steps or more.
     """
-    pruned = any(int(p) > 0 for p in re.findall(r"(\d+)/\d+ tokens pruned", line))
     if method == "sito":
-        return pruned
+        return {"pruned": True, "cached": False}
     if method == "dato":
-        m = re.match(r"DaTo: (\d+) full / (\d+) shallow / (\d+) reused of (\d+) steps", line)
-        if not m:
-            return False
-        steps = int(m.group(4))
-        cached = int(m.group(2)) + int(m.group(3))
-        return pruned and (cached > 0 or steps < 6)
-    m = re.match(r"CAT: (\d+) pruned / \d+ full of (\d+) steps", line)
-    return bool(m) and (int(m.group(1)) > 0 or int(m.group(2)) < 4)  # warm-up, reference, clustering steps
+        schedule = schedule_maker(custom_schedule=SETTINGS["dato"]["custom_schedule"])[0](steps, 1)
+        return {"pruned": True, "cached": schedule.shallow_count + schedule.reuse_count > 0}
+    return {"pruned": steps >= SETTINGS["cat"]["warmup_steps"] + 3, "cached": False}
+
+
+def measured_work(run: WorkMeter, ref: WorkMeter | None = None) -> dict:
+    """Work of ``run`` beyond what the reference run (same co-patches, without our node) did."""
+    base_deficit = ref.row_deficit() if ref is not None else 0
+    base_cached = len(ref.cached_calls()) if ref is not None else 0
+    return {"pruned": run.row_deficit() > base_deficit, "cached": len(run.cached_calls()) > base_cached}
+
+
+def did_work(method: str, run: WorkMeter, ref: WorkMeter | None = None) -> bool:
+    want = expected_work(method, run.steps)
+    got = measured_work(run, ref)
+    return all(got[k] for k, needed in want.items() if needed)
+
+
+def last_reference_work() -> WorkMeter | None:
+    return _REF_WORK.get(_LAST_REF.get("key"))
 
 
 def assert_worked(caplog, method, runs=1):
-    """The last ``runs`` summary lines of ``method`` all report its work (one line per run)."""
-    lines = summaries(caplog, method)
-    assert len(lines) >= runs, f"expected {runs} summary line(s), got {lines}"
-    for line in lines[-runs:]:
-        assert did_work(method, line), line
+    """The last ``runs`` sampler runs of this test (reference runs excluded) each did the work
+    ``expected_work`` names, measured by their WorkMeter against the test's last reference."""
+    assert len(_RUNS) >= runs, f"expected {runs} measured run(s), got {len(_RUNS)}"
+    ref = last_reference_work()
+    for run in _RUNS[-runs:]:
+        assert did_work(method, run, ref), (
+            f"{method} did not do its work: {run.summary()} (reference: {ref.summary() if ref else 'none'}; "
+            f"needed {expected_work(method, run.steps)})")
+
+
+def assert_stepped_aside(out, ref, method):
+    """A node that warned: wherever it measurably did nothing, the output is the reference's,
+    bit for bit; where it still did part of its work (DaTo's caching), the output differs."""
+    run, base = _RUNS[-1], last_reference_work()
+    got = measured_work(run, base)
+    if not any(got.values()):
+        assert torch.equal(out, ref), f"{method} warned and measurably did nothing, yet changed the output"
+    else:
+        assert not torch.equal(out, ref), f"{method} measurably worked ({got}) but the output is the reference's"
 
 
 @pytest.fixture
@@ -435,10 +486,14 @@ def test_steps(method, steps, logs, compat):
     hw = (8, 8) if steps >= 20 else SMALL
     ref = reference(("steps", steps), base, hw=hw, steps=steps)
     out = sample(patch(method, base), hw=hw, steps=steps)
-    assert_close(out, ref, close(method) if steps > 1 else 0.75)  # 1 step: the raw x0 prediction at sigma_max
+    active = expected_work(method, steps)["pruned"]  # CAT warms up: 1 step = nothing to do
+    assert_close(out, ref, close(method) if steps > 1 else 0.75, differs=active)  # 1 step: the raw x0 at sigma_max
+    if not active:
+        assert torch.equal(out, ref), "warm-up steps only, yet the output differs from the unpatched run"
+        assert measured_work(_RUNS[-1]) == {"pruned": False, "cached": False}, _RUNS[-1].summary()
     lines = summaries(logs, method)
     assert len(lines) == 1 and f"{steps} steps" in lines[0], lines
-    assert_worked(logs, method)  # (DaTo's step 0 is always full; CAT warms up: 1 step = nothing to do)
+    assert_worked(logs, method)  # (DaTo's step 0 is always full)
 
 
 def _init_latent(kind="sd15", hw=SMALL, batch=1, seed=7):
@@ -522,17 +577,28 @@ def test_two_of_ours_chained(method, second, logs, compat):
     base = micro("sd15")
     ref = reference(("default",), base)
     out = sample(patch(other, patch(method, base)))
-    assert_close(out, ref, close(method, other))
+    assert_close(out, ref, close(method, other), differs=False)  # lower bound: one of the branches below
     warnings = our_warnings(logs)
     assert len(warnings) <= 1, warnings
     if warnings:
         compat.warn(warnings[0])
+        assert_stepped_aside(out, ref, method)
     else:  # no warning: both instances must have done their work
-        lines = [r.getMessage() for r in logs.records if r.name == LOGGER and r.levelno == logging.INFO]
-        found = [(m, line) for line in lines for m in {method, other} if line.startswith(PREFIX[m])]
-        assert len(found) == 2, lines
-        for m, line in found:
-            assert did_work(m, line), f"silently inactive: {line}"
+        assert not torch.equal(out, ref), "no warning, yet the output is the reference's"
+        assert_worked(logs, method)
+        assert_worked(logs, other)
+        # measured by the image as well: the chain is neither node alone ...
+        chain_run = _RUNS[-1]
+        for alone in {method, other}:
+            single = sample(patch(alone, base))
+            if method == other == "cat":
+                # ... except CAT twice with the same settings: the second instance selects the same
+                # tokens from the same predictions, so the pair is one CAT, bit for bit, and does
+                # exactly its work (measured: the same self-attention rows skipped)
+                assert torch.equal(out, single)
+                assert chain_run.row_deficit() == _RUNS[-1].row_deficit() > 0
+            else:
+                assert not torch.equal(out, single), f"the chain gives the image of {alone} alone: one node did nothing"
 
 
 def _tome(model):
@@ -572,12 +638,14 @@ def test_with_core_patch_node(method, core, order, logs, compat):
     model = patch(method, CORE[core](base)) if order == "core-first" else CORE[core](patch(method, base))
     torch.manual_seed(0)
     out = sample(model, hw=STACK_HW, steps=8)
-    assert_close(out, ref, close(method))
+    assert_close(out, ref, close(method), differs=False)  # lower bound: one of the branches below
     warnings = our_warnings(logs)
     assert len(warnings) <= 1, warnings
     if warnings:
         compat.warn(warnings[0])
+        assert_stepped_aside(out, ref, method)
     else:
+        assert not torch.equal(out, ref), "no warning, yet the output is the reference's"
         assert_worked(logs, method)
 
 
@@ -660,14 +728,16 @@ def test_attn2_replace_ipadapter_style(method, logs, compat):
     seen["calls"] = 0
     out = sample(add_replace(patch(method, base)))
     assert seen["calls"] > 0
-    assert_close(out, ref, close(method))
+    assert_close(out, ref, close(method), differs=False)  # lower bound: one of the branches below
     warnings = our_warnings(logs)
     if seen["mismatch"]:
         # pruned queries reached another pack's attn2 replacement: only acceptable with one warning
         assert len(warnings) == 1 and "attn2" in warnings[0], (seen["mismatch"][:3], warnings)
         compat.warn(warnings[0])
+        assert_stepped_aside(out, ref, method)
     else:
         assert len(warnings) <= 1, warnings
+        assert not torch.equal(out, ref), "no warning, yet the output is the reference's"
         assert_worked(logs, method)
 
 
@@ -741,7 +811,7 @@ def test_torch_compile_dynamo_graphs(method, logs, compat):
     graphs1 = _unique_graphs()
     second = sample(compiled, steps=8)
     graphs2 = _unique_graphs()
-    assert_close(first, expected, 1e-4)
+    assert_close(first, expected, 1e-4, differs=False)  # compiled vs eager, both patched
     assert torch.equal(first, second)
     assert graphs2 == graphs1, f"the second run compiled {graphs2 - graphs1} new graphs"
     assert_worked(logs, method, runs=3)
@@ -764,8 +834,8 @@ def test_torch_compile_inductor(method, logs, compat):
     graphs1 = _unique_graphs()
     second = sample(compiled)
     graphs2 = _unique_graphs()
-    assert_close(first, expected, 1e-2)
-    assert_close(second, expected, 1e-2)
+    assert_close(first, expected, 1e-2, differs=False)
+    assert_close(second, expected, 1e-2, differs=False)
     assert graphs2 == graphs1
     assert_worked(logs, method, runs=3)
 

@@ -8,6 +8,7 @@ pack's summary line).
   patch answers the call from a cache without running the UNet);
 * every ``attn1``: the query tokens and batch of the self-attention as it really ran, and the
   full token count of its level (``activations_shape`` of the block call);
+* with ``keep_outputs``, the prediction each call returned (``calls[k]["out"]``);
 * the first layer of every ResBlock (``in_layers[0]``): a skipped block never reaches it (the
   pack object-patches the block's ``forward``, not its children).
 
@@ -27,8 +28,9 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 
 class WorkMeter:
-    def __init__(self, patcher):
+    def __init__(self, patcher, keep_outputs: bool = False):
         self.dm = patcher.model.diffusion_model
+        self.keep_outputs = keep_outputs
         self.calls: list[dict] = []
         self.res_blocks = sum(1 for m in self.dm.modules() if isinstance(m, ResBlock))
         self.steps: int | None = None
@@ -36,6 +38,8 @@ class WorkMeter:
 
     def __enter__(self):
         self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
+        if self.keep_outputs:
+            self._handles.append(self.dm.register_forward_hook(self._end))
         for name, mod in self.dm.named_modules():
             if isinstance(mod, ResBlock):
                 self._handles.append(mod.in_layers[0].register_forward_pre_hook(self._res))
@@ -54,6 +58,9 @@ class WorkMeter:
         self.calls.append({"sigma": None if sigmas is None else float(sigmas.reshape(-1)[0]),
                            "cond_or_uncond": list(to.get("cond_or_uncond") or []),
                            "attn1": [], "res": 0})
+
+    def _end(self, module, args, out):
+        self.calls[-1]["out"] = out.detach().clone()
 
     def _res(self, module, args):
         if self.calls:

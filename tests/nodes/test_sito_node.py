@@ -167,7 +167,7 @@ def test_sd2_v_prediction():
     assert 0 < rel_err(out, ref) < 0.5
 
 
-def test_seed_determinism_and_summary_line(sd15, caplog):
+def test_seed_determinism_seed_matters_and_summary_line(sd15, caplog):
     m = apply_sito(sd15, prune_ratio=0.5, seed=3)
     with caplog.at_level(logging.INFO, logger="token_pruning_cache"):
         a = run_sampler(m, steps=2)
@@ -175,6 +175,8 @@ def test_seed_determinism_and_summary_line(sd15, caplog):
     assert torch.equal(a, b)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SiTo:")]
     assert len(lines) == 2 and "active in 2/2 steps" in lines[0] and "tokens pruned" in lines[0]
+    # the seed is used: another seed, another image (same pruning amount)
+    assert not torch.equal(run_sampler(apply_sito(sd15, prune_ratio=0.5, seed=4), steps=2), a)
 
 
 def test_validation_messages():
@@ -193,3 +195,136 @@ def test_unsupported_model_passes_through_with_one_warning(caplog):
     assert out is m
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "MMDIT" in warnings[0].getMessage().upper()
+
+
+# --------------------------------------------------------------------------------------
+# Each option changes what it names, against the default setting
+# --------------------------------------------------------------------------------------
+
+class LayerRows:
+    """Rows through every transformer sub-layer as it really ran, keyed by (what, level tokens):
+    attn1 queries ("q1") and keys ("k1", the ``context`` it was given), attn2 queries ("q2"),
+    the feed-forward's first layer ("ff"; the pack object-patches ``ff.forward``, so the hook
+    sits one level below it). The level of a block call is read from ``activations_shape``."""
+
+    def __init__(self, patcher):
+        self.dm = patcher.model.diffusion_model
+        self.rows: list[tuple[str, int, int]] = []
+        self._level = {}
+
+    def __enter__(self):
+        self._handles = []
+        for name, mod in self.dm.named_modules():
+            if type(mod).__name__ == "BasicTransformerBlock":
+                self._handles += [mod.attn1.register_forward_pre_hook(self._attn(name, "1"), with_kwargs=True),
+                                  mod.attn2.register_forward_pre_hook(self._attn(name, "2"), with_kwargs=True),
+                                  mod.ff.net[0].register_forward_pre_hook(self._ff(name))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+
+    def _attn(self, name, which):
+        def hook(module, args, kwargs):
+            shape = (kwargs.get("transformer_options") or {}).get("activations_shape")
+            full = int(shape[-2]) * int(shape[-1])
+            self._level[name] = full
+            self.rows.append(("q" + which, full, args[0].shape[1]))
+            if which == "1":
+                ctx = kwargs.get("context")
+                self.rows.append(("k1", full, args[0].shape[1] if ctx is None else ctx.shape[1]))
+        return hook
+
+    def _ff(self, name):
+        def hook(module, args):
+            self.rows.append(("ff", self._level[name], args[0].shape[1]))
+        return hook
+
+    def of(self, what, full) -> set[int]:
+        return {n for w, f, n in self.rows if w == what and f == full}
+
+
+@pytest.fixture(scope="module")
+def micro15():
+    from tiny_models import micro
+    return tame(micro("sd15"))
+
+
+TOP, HALF = 64, 16  # tokens of the two attention levels of an 8x8 latent
+OPTION_ROWS = {  # option -> rows per (layer, level) that differ from the default's
+    "prune_kv=False": (dict(prune_kv=False), {("k1", TOP): {TOP}}),
+    "prune_cross_attn": (dict(prune_cross_attn=True), {("q2", TOP): {TOP // 2}}),
+    "prune_mlp": (dict(prune_mlp=True), {("ff", TOP): {TOP // 2}}),
+    "mlp_only": (dict(prune_self_attn=False, prune_mlp=True),
+                 {("q1", TOP): {TOP}, ("k1", TOP): {TOP}, ("ff", TOP): {TOP // 2}}),
+    "sx3_sy3": (dict(sx=3, sy=3, prune_ratio=0.85), {("q1", TOP): {TOP - 54}, ("k1", TOP): {TOP - 54}}),  # 4 windows
+    "max_downsample_2": (dict(max_downsample="2"), {("q1", HALF): {HALF // 2}, ("k1", HALF): {HALF // 2}}),
+    "recovery_kept": (dict(recovery="kept"), {}),
+    "recovery_merge": (dict(recovery="merge"), {}),
+    "sim_beta": (dict(sim_beta=3.0), {}),
+    "noise_alpha_0": (dict(noise_alpha=0.0), {}),
+    "search_global": (dict(similarity_search="global"), {}),
+    "seed": (dict(seed=1), {}),
+}
+DEFAULT_ROWS = {("q1", TOP): {TOP // 2}, ("k1", TOP): {TOP // 2}, ("q2", TOP): {TOP}, ("ff", TOP): {TOP},
+                ("q1", HALF): {HALF}, ("k1", HALF): {HALF}, ("q2", HALF): {HALF}, ("ff", HALF): {HALF}}
+
+
+@pytest.fixture(scope="module")
+def sito_default(micro15):
+    m = apply_sito(micro15, prune_ratio=0.5)
+    with LayerRows(micro15) as rows:
+        out = run_sampler(m, latent_hw=(8, 8), batch=1, steps=3)
+    return out, rows
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("name", list(OPTION_ROWS))
+def test_each_option_changes_what_it_names_against_the_default(micro15, sito_default, name):
+    """Against default SiTo (r=0.5) on the same run: the rows through the layers the option is
+    about change as it says (and no others), and the image changes."""
+    default_out, default_rows = sito_default
+    assert {key: default_rows.of(*key) for key in DEFAULT_ROWS} == DEFAULT_ROWS
+    opts, changed = OPTION_ROWS[name]
+    m = apply_sito(micro15, **{"prune_ratio": 0.5, **opts})
+    with LayerRows(micro15) as rows:
+        out = run_sampler(m, latent_hw=(8, 8), batch=1, steps=3)
+    want = {**DEFAULT_ROWS, **changed}
+    assert {key: rows.of(*key) for key in want} == want
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, default_out), f"{name}: the same image as default SiTo"
+    ref = run_sampler(micro15, latent_hw=(8, 8), batch=1, steps=3)
+    assert 0 < rel_err(out, ref) < 0.5
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("window", [(0.0, 0.5), (0.4, 1.0), (0.3, 0.6)], ids=["first_half", "second_half", "middle"])
+def test_partial_window_prunes_inside_and_is_untouched_outside(micro15, window):
+    """start/end_percent: steps whose sigma lies outside the window run the unpatched layers
+    (no shortened self-attention), steps inside are pruned; a window that starts later leaves
+    the first steps' predictions bit-identical to the unpatched run."""
+    from tiny_models import sample_sigmas, step_of
+    from work_meter import WorkMeter
+
+    steps = 6
+    start, end = window
+    m = apply_sito(micro15, prune_ratio=0.5, start_percent=start, end_percent=end)
+    sampling = micro15.get_model_object("model_sampling")
+    hi, lo = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    sigmas = sample_sigmas(micro15, steps)
+    with WorkMeter(micro15, keep_outputs=True) as meter:
+        run_sampler(m, latent_hw=(8, 8), batch=1, steps=steps, cfg=1.0)
+    with WorkMeter(micro15, keep_outputs=True) as plain:
+        run_sampler(micro15, latent_hw=(8, 8), batch=1, steps=steps, cfg=1.0)
+    shortened = set(meter.shortened_calls())
+    inside = [k for k, c in enumerate(meter.calls) if lo <= c["sigma"] <= hi]
+    assert 0 < len(inside) < steps, (inside, sigmas)
+    assert shortened == set(inside), (sorted(shortened), inside)
+    first_in = min(inside)
+    assert all(step_of(meter.calls[k]["sigma"], sigmas) == k for k in range(steps))
+    # before the window opens the run is the unpatched one: same token counts, same predictions
+    for k in range(first_in):
+        assert meter.calls[k]["attn1"] == plain.calls[k]["attn1"]
+        assert torch.equal(meter.calls[k]["out"], plain.calls[k]["out"]), f"call {k} before the window differs"
+    assert not torch.equal(meter.calls[first_in]["out"], plain.calls[first_in]["out"])

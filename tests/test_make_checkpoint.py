@@ -61,10 +61,21 @@ def test_original_key_layout(sd15_path):
 
 
 def test_idempotent_and_seeded(tmp_path, sd15_path):
+    from make_checkpoint import seeded_fill_
+
     mtime = sd15_path.stat().st_mtime_ns
     make_checkpoint(sd15_path, arch="sd15", reduced=True, seed=0)
     assert sd15_path.stat().st_mtime_ns == mtime, "same parameters must not rewrite the file"
     assert default_name("sdxl", True, 3) == "tpc_random_sdxl_reduced_s3.safetensors"
+    # seeded: the weights are a function of the seed (what the checkpoint's tensors are filled with)
+    def filled(seed):
+        m = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Linear(8, 8))
+        seeded_fill_(m, seed)
+        return torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    assert torch.equal(filled(0), filled(0)) and not torch.equal(filled(0), filled(1))
+    from safetensors import safe_open
+    with safe_open(str(sd15_path), framework="pt") as f:
+        assert f.metadata()["seed"] == "0"
 
 
 @pytest.mark.slow

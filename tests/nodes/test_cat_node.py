@@ -492,3 +492,35 @@ def test_self_attention_shared_with_sito_one_node_yields_and_says_so(models, cat
         assert len(sito) == 1 and re.search(r"[1-9]\d*/\d+ tokens pruned", sito[0]), sito
     else:  # CAT pruned its steps
         assert summaries(caplog) == [(2, 2, 4, "unet")]
+
+
+def test_sd2_v_prediction_prunes_its_top_level(caplog):
+    """The README lists SD2.x: on the SD2-v layout CAT recomputes S tokens of the top level on its
+    pruned steps (measured at the layers), changes the image, and keep_ratio 1.0 is unpatched."""
+    base = build("sd2v")
+    top_names, n_tokens = unet_top_names(base, UNET_HW)
+    assert n_tokens == UNET_HW[0] * UNET_HW[1]
+    ref = run_sampler(base, latent_hw=UNET_HW, batch=1, steps=4, cfg=1.0)
+    assert torch.equal(run_sampler(apply_cat(base, keep_ratio=1.0, warmup_steps=0), latent_hw=UNET_HW, batch=1,
+                                   steps=4, cfg=1.0), ref)
+    out, log = run_logged(base, apply_cat(base, keep_ratio=0.3, warmup_steps=0), hw=UNET_HW, batch=1, steps=4,
+                          cfg=1.0)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    check_run(log, sample_sigmas(base, 4), 0, 0.3, n_tokens, 1, token_px=1, top_names=top_names)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_dit_input_model_untouched_after_sampling(models, kind):
+    """MODEL in, MODEL out on the DiTs: after sampling the patched clone, the input model's
+    options, patches and weights are as before and it samples the unpatched image again."""
+    base = models(kind)
+    ref = run_sampler(base, latent_hw=(8, 8), batch=1, steps=3, cfg=1.0)
+    weights = {k: v.clone() for k, v in base.model.diffusion_model.state_dict().items()}
+    before = (repr(base.model_options), dict(base.object_patches), repr(base.wrappers), repr(base.callbacks))
+    patched = run_sampler(apply_cat(base, keep_ratio=0.3, warmup_steps=0), latent_hw=(8, 8), batch=1, steps=3,
+                          cfg=1.0)
+    assert not torch.equal(patched, ref)
+    assert (repr(base.model_options), dict(base.object_patches), repr(base.wrappers), repr(base.callbacks)) == before
+    after = base.model.diffusion_model.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+    assert torch.equal(run_sampler(base, latent_hw=(8, 8), batch=1, steps=3, cfg=1.0), ref)

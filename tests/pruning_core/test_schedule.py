@@ -178,6 +178,15 @@ def test_resample_keep_refreshes(src, n):
             if step == F:
                 assert out[i * n // t] == F
         assert out.full_count <= src.full_count
+    else:
+        # stretching: every source FULL still lands on a FULL target step (refreshes are never
+        # thinned out), and the refreshes keep their share of the run to within one source step
+        t = len(src)
+        for i, step in enumerate(src):
+            if step == F:
+                assert out[i * n // t] == F, (i, i * n // t)
+        assert out.full_count >= src.full_count
+        assert abs(out.full_count / n - src.full_count / t) <= 1 / t
     if n % len(src) == 0:
         # whole-multiple stretch keeps proportions, hence the ideal speedup
         assert out.ideal_speedup() == pytest.approx(src.ideal_speedup())

@@ -170,7 +170,8 @@ def test_bench_dato_custom_schedule(tmp_path):
     row = {r["variant"]: r for r in json.loads(out.read_text())["results"]}["dato-custom@0"]
     assert "1 full / 1 shallow / 1 reused of 3 steps" in (row["pack_summary"] or ""), row["pack_summary"]
     assert row["flops_ideal_speedup"] == pytest.approx(3 / 1.13)
-    assert math.isfinite(row["rel_error"]) and row["rel_error"] > 0
+    # caching changed the result (lower bound) without destroying it (upper bound: smaller than the latent)
+    assert math.isfinite(row["rel_error"]) and 0 < row["rel_error"] < 1.0, row["rel_error"]
 
     proc = subprocess.run([sys.executable, str(BENCH), "--variants", "unpatched,dato-custom@0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

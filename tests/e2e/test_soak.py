@@ -11,6 +11,7 @@ bound; one low reading after a prompt (the allocator handing memory back) fails 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,25 @@ CONFIGS = [
     ("sd15_cat", {"keep_ratio": 0.3}, 128, 64, 2),
 ]
 NODES = {"SiToTokenPruning", "DaToPruneCache", "CATPruneCache"}
+# the patch node's summary line in the server log and what it must report for a prompt to count as
+# patched (SiTo/DaTo: tokens pruned, DaTo also cached steps; CAT: pruned steps)
+WORK = {
+    "SiToTokenPruning": ("SiTo:", lambda line: re.search(r"[1-9]\d*/\d+ tokens pruned", line)),
+    "DaToPruneCache": ("DaTo:", lambda line: re.search(r"[1-9]\d*/\d+ tokens pruned", line)
+                       and re.search(r"(?:[1-9]\d* shallow|[1-9]\d* reused)", line)),
+    "CATPruneCache": ("CAT:", lambda line: re.match(r"CAT: [1-9]\d* pruned / ", line)),
+}
+
+
+def assert_patched(prompt: dict, settings: dict, log_lines: list[str], n: int) -> None:
+    """The prompt's patch node ran on the sampler: its summary line is in the log of this prompt
+    and reports work (prune_ratio 0 prunes nothing by design and is only checked for the line)."""
+    cls = next(c["class_type"] for c in prompt.values() if c["class_type"] in NODES)
+    prefix, worked = WORK[cls]
+    lines = [line[line.index(prefix):] for line in log_lines if prefix in line]
+    assert len(lines) == 1, (n, cls, lines)
+    if settings.get("prune_ratio", 1) > 0:
+        assert worked(lines[0]), (n, lines[0])
 
 
 def rss_kib(pid: int) -> int:
@@ -93,7 +113,10 @@ def test_fifty_prompts_complete_deterministic_and_flat_memory(comfy_dir, tmp_pat
         for n in range(1, ROUNDS * len(CONFIGS) + 1):
             index = (n - 1) % len(CONFIGS)
             prompt, sampler_id = build(templates, CONFIGS[index])
+            log_start = server.log_path.stat().st_size
             entry = server.run(prompt, timeout=600)
+            assert_patched(prompt, CONFIGS[index][1],
+                           server.log_path.read_bytes()[log_start:].decode(errors="replace").splitlines(), n)
             rss[n] = rss_kib(server.proc.pid)
             images = pixels(main_images(server, prompt, entry))
             assert len(images) == CONFIGS[index][4], (n, CONFIGS[index])

@@ -4,6 +4,7 @@ random-weight checkpoints, and bad settings are refused at validation time."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,23 @@ def shrink(prompt: dict, arch: str) -> dict:
     return prompt
 
 
+# Each patch node's summary line in the server log (one per sampling run) and what "did work" means:
+# SiTo/DaTo prune tokens (DaTo also takes shallow or reused steps), CAT has pruned steps.
+WORK = {
+    "SiToTokenPruning": ("SiTo:", lambda line: re.search(r"[1-9]\d*/\d+ tokens pruned", line)),
+    "DaToPruneCache": ("DaTo:", lambda line: re.search(r"[1-9]\d*/\d+ tokens pruned", line)
+                       and re.search(r"(?:[1-9]\d* shallow|[1-9]\d* reused)", line)),
+    "CATPruneCache": ("CAT:", lambda line: re.match(r"CAT: [1-9]\d* pruned / ", line)),
+}
+
+
+def _pixels(path):
+    from PIL import Image
+    import numpy as np
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def test_object_info_lists_our_nodes_with_tooltips(object_info):
     for name in OUR_NODES:
         assert name in object_info, name
@@ -75,10 +93,36 @@ def test_shipped_workflow_runs(server, object_info, path):
     ui = load(path)
     prompt = shrink(to_api(ui, object_info), "sdxl" if path.stem.startswith("sdxl") else "sd15")
     assert any(n["class_type"] in OUR_NODES for n in prompt.values())
+    log_start = server.log_path.stat().st_size
     entry = server.run(prompt, timeout=900)
     images = server.images(entry)
     saves = [n for n in prompt.values() if n["class_type"] == "SaveImage"]
     assert len(images) == len(saves) and all(p.exists() and p.stat().st_size > 0 for p in images)
+    # the pack did its work: every patch node's summary line in the server log reports it
+    log = server.log_path.read_bytes()[log_start:].decode(errors="replace").splitlines()
+    # (a sampler ComfyUI served from its execution cache, e.g. the same sampler of an earlier
+    # workflow, logs nothing: only patch nodes feeding a sampler that ran are checked)
+    cached = set(server.timings(entry)["cached_nodes"])
+    ran = {prompt[k]["inputs"]["model"][0] for k, n in prompt.items()
+           if n["class_type"] == "KSampler" and k not in cached}
+    for cls in {n["class_type"] for k, n in prompt.items() if k in ran} & set(WORK):
+        prefix, worked = WORK[cls]
+        lines = [line[line.index(prefix):] for line in log if prefix in line]
+        assert lines, f"no {prefix} summary line in the server log"
+        assert all(worked(line) for line in lines), lines
+    # per SaveImage node: which image it saved, and from which node its input came
+    saved = {nid: server.images({"outputs": {nid: out}}) for nid, out in entry["outputs"].items() if out.get("images")}
+    sources = {nid: prompt[nid]["inputs"]["images"][0] for nid in saved}
+    previews = [nid for nid, src in sources.items() if prompt[src]["class_type"] == "TokenPruningPreview"]
+    for nid in previews:  # a real drawing, not the "no recorded run yet" placeholder (64x320, two colours)
+        px = _pixels(saved[nid][0])
+        assert px.shape[:2] != (64, 320), "the preview is the 'no recorded run yet' placeholder"
+        assert len({tuple(c) for c in px.reshape(-1, 3)[::7]}) > 3, "the preview has no drawing"
+    decoded = [nid for nid in saved if nid not in previews]
+    if path.stem.startswith("sd15_side_by_side"):
+        assert len(decoded) == 2
+        a, b = (_pixels(saved[nid][0]) for nid in decoded)
+        assert a.shape == b.shape and (a != b).any(), "side by side: the pruned image equals the unpatched one"
 
 
 def test_bad_ratio_is_refused_at_validation_time(server, object_info):

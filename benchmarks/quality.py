@@ -311,6 +311,8 @@ def run(args: argparse.Namespace) -> dict:
               f"fid {m['fid']:.2f} acc {m['accuracy']:.3f} calls {n_calls} "
               f"ideal {row['flops_ideal'] or float('nan'):.2f}x {seconds:.1f}s", flush=True)
         outputs[v.spec] = out
+        # Written after every variant, so a run cut short keeps what it measured.
+        (args.out / f"quality-{args.steps}-{args.sampler}.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
     calls.remove()
     blocks.remove()
     unp = next((r for r in rows if r["variant"] == "unpatched"), None)

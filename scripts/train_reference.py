@@ -11,7 +11,7 @@ Every ``--save-minutes`` it writes
   models/reference/unet.safetensors   the EMA weights in fp16 (what is shipped)
   models/reference/config.json        how to rebuild the model
   models/reference/train_log.csv      step, images seen, training loss, held-out loss, minutes
-Without .train/state.pt, ``--resume`` starts from the shipped fp16 EMA weights (a fresh
+``kill`` (SIGTERM) stops it after the current step with a save. Without .train/state.pt, ``--resume`` starts from the shipped fp16 EMA weights (a fresh
 optimiser), so a later session can go on from what was committed.
 
 Objective: eps-prediction MSE on SD's discrete schedule (t uniform in 0..999), weighted
@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,9 @@ def main() -> None:
         print(f"[train] saved step {step} ({images_seen} images, {minutes:.1f} min): "
               f"train {train_loss:.4f}, held-out {held:.4f}", flush=True)
 
+    # SIGTERM (kill) ends the run at the next step with a save, so stopping loses nothing.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     unet.train()
     t0 = time.time()
     last_save = t0
@@ -189,7 +193,7 @@ def main() -> None:
     while True:
         now = time.time()
         minutes = minutes_before + (now - t0) / 60
-        if now - t0 >= args.minutes * 60:
+        if now - t0 >= args.minutes * 60 or stop:
             break
         idx = torch.randint(0, n, (args.batch,), generator=gen)
         x0 = train_x[idx]

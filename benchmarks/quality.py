@@ -12,8 +12,7 @@ labels x seeds through ComfyUI's real sampler (``comfy.sample.sample``, CFG agai
                penultimate features as the extractor, samples against the shipped
                reference set of real emoji (models/reference/fid_reference.npz);
                accuracy: the judge's category of each sample equals the label it was asked for
-  cost         diffusion-model calls and UNet block calls (input, middle and output
-               blocks run) per sample run, and the FLOPs-ideal speedup on the
+  cost         diffusion-model calls and UNet ResBlock calls per sample run, and the FLOPs-ideal speedup on the
                reference model (torch's FlopCounterMode over a whole one-sample run);
                seconds of this run on the reference model (this CPU, whole batch); and the
                paired SD1.5-size speedup of the same setting from benchmarks/sd15_speed.json
@@ -99,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="attention kernel when this script starts ComfyUI: PyTorch's SDPA (what the model was "
                          "trained with; faster on this CPU) or ComfyUI's default CPU kernel (sub-quadratic)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the pack's own generators")
+    ap.add_argument("--report-from", type=Path, default=None, metavar="JSON",
+                    help="write the table, plot and grid from the rows of an earlier run (e.g. the .partial.json "
+                         "of a run cut short); the grid's samples are drawn again, the rows are not re-measured")
     args = ap.parse_args(argv)
     if args.variants is None:
         args.variants = PRESETS[args.preset or "defaults"]
@@ -207,12 +209,16 @@ def patch(base, v, seed: int):
 
 
 class BlockCalls:
-    """Counts the UNet's input/middle/output block calls (DeepCache-style steps skip blocks)."""
+    """Counts the UNet's ResBlock calls (a DeepCache-style shallow step skips the deep ones).
+
+    The ResBlocks, not the input/middle/output blocks: ComfyUI's UNet runs the layers of each
+    ``TimestepEmbedSequential`` one by one, so a hook on the block itself never fires."""
 
     def __init__(self, dm):
-        blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
+        from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
         self.calls = 0
-        self._hooks = [b.register_forward_pre_hook(self._hook) for b in blocks]
+        self._hooks = [m.register_forward_pre_hook(self._hook) for m in dm.modules() if isinstance(m, ResBlock)]
 
     def _hook(self, module, args):
         self.calls += 1
@@ -250,7 +256,45 @@ def bootstrap(args) -> None:
     bench.bootstrap(args.comfyui)
 
 
+def report_from(args: argparse.Namespace) -> dict:
+    """Table, plot and grid from recorded rows; only the grid's few samples are sampled again."""
+    bootstrap(args)
+    rows = json.loads(args.report_from.read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    ref = Reference(args.ref_dir)
+    labels, noise = ref.batch(1)
+    n = min(args.grid_seeds, len(labels))
+    labels, noise = labels[:n], noise[:n]
+    outputs = {}
+    for r in rows:
+        v = parse_quality_variant(r["variant"])
+        model = ref.patcher if v.method == "unpatched" else patch(ref.patcher, v, args.seed)
+        outputs[v.spec] = sample(model, ref, labels, noise, args)
+    unp = next((r for r in rows if r["variant"] == "unpatched"), None)
+    if unp and unp["ref_seconds"]:
+        for r in rows:
+            r["ref_time_speedup"] = unp["ref_seconds"] / r["ref_seconds"] if r["ref_seconds"] else None
+    report = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg,
+              "samples": ref.num_labels * args.seeds, "labels": ref.config["labels"], "weights": ref.weights,
+              "model_training": ref.config.get("training"), "rows": rows,
+              "command": "benchmarks/quality.py " + " ".join(sys.argv[1:])}
+    write_outputs(report, outputs, args)
+    return report
+
+
+def write_outputs(report: dict, outputs: dict, args) -> None:
+    stem = args.out / f"quality-{args.steps}-{args.sampler}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    image_grid(outputs, min(args.grid_seeds, next(iter(outputs.values())).shape[0]),
+               stem.with_name(stem.name + "-grid.png"))
+    pareto_plot(report, stem.with_name(stem.name + "-pareto.png"))
+    print(markdown(report))
+
+
 def run(args: argparse.Namespace) -> dict:
+    if args.report_from is not None:
+        return report_from(args)
     bootstrap(args)
     import os
     import torch
@@ -324,12 +368,7 @@ def run(args: argparse.Namespace) -> dict:
               "model_training": ref.config.get("training"), "rows": rows,
               "unpatched_time_from_cache": unpatched["cached"],
               "command": "benchmarks/quality.py " + " ".join(sys.argv[1:])}
-    stem = args.out / f"quality-{args.steps}-{args.sampler}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    image_grid(outputs, min(args.grid_seeds, len(labels)), stem.with_name(stem.name + "-grid.png"))
-    pareto_plot(report, stem.with_name(stem.name + "-pareto.png"))
-    print(markdown(report))
+    write_outputs(report, outputs, args)
     return report
 
 
@@ -339,12 +378,12 @@ def markdown(report: dict) -> str:
 
     lines = [f"{report['samples']} samples, {report['steps']} steps, {report['sampler']}, CFG {report['cfg']:g}",
              "",
-             "| variant | rel. error | PSNR (dB) | SSIM | FID-analogue | accuracy | model / block calls | FLOPs-ideal (ref. model) "
+             "| variant | rel. error | PSNR (dB) | SSIM | FID-analogue | accuracy | model / ResBlock calls | FLOPs-ideal (ref. model) "
              "| time vs unpatched (ref. model) | SD1.5-size paired speedup |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['variant']} | {f(r['rel_error'], '.4f')} | {f(r['psnr'], '.2f')} | {f(r['ssim'], '.3f')} "
-                     f"| {f(r['fid'], '.2f')} | {f(r['accuracy'], '.3f')} | {r['model_calls']} / {r['block_calls']} "
+                     f"| {f(r['fid'], '.2f')} | {f(r['accuracy'], '.3f')} | {r['model_calls']} / {r['block_calls'] or 'n/c'} "
                      f"| {f(r['flops_ideal'], '.2f')} | {f(r.get('ref_time_speedup'), '.2f')} "
                      f"| {f(r['sd15_speedup'], '.2f')} |")
     return "\n".join(lines) + "\n"

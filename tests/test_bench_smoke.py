@@ -176,3 +176,35 @@ def test_bench_dato_custom_schedule(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH), "--variants", "unpatched,dato-custom@0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "needs --dato-schedule" in proc.stderr
+
+
+# Every bench.py variant behind a README figure, on the tiny UNet: the path runs and changes the
+# latent (lower bound) without destroying it (upper bound). 10 steps, so that CAT (8 full steps
+# with its default warm-up) prunes two of them.
+README_VARIANTS = ("unpatched,dato-official@0.4,dato-official-dense@0.4,dato-aggressive@0.4,deepcache-5@0,"
+                   "deepcache-10@0,cat@0.3,cat-ds1@0.3,easycache@0.2,sito-qonly@0.5,sito-ds2@0.5,sito-kept@0.5,"
+                   "sito-merge@0.5,sito-global@0.5")
+
+
+def test_bench_readme_variants_run(tmp_path):
+    out = tmp_path / "readme.json"
+    cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--steps", "10", "--no-flops", "--skip-rerun",
+           "--variants", README_VARIANTS, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == README_VARIANTS.split(",")
+    for name, r in rows.items():
+        assert r["finite"] and math.isfinite(r["rel_error"]), (name, r["rel_error"])
+        if name in ("unpatched", "easycache@0.2"):  # EasyCache may skip nothing on a random model
+            continue
+        assert 0.0 < r["rel_error"] < 1.5, (name, r["rel_error"])
+
+
+def test_bench_profile_runs(tmp_path):
+    """--profile (the README's 'where the time goes' figures) on the tiny UNet."""
+    cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--profile", "sito@0.5", "--out",
+           str(tmp_path / "profile.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "sito@0.5" in proc.stdout + proc.stderr

@@ -138,5 +138,8 @@ def test_quality_benchmark_smoke(tmp_path):
     # step; the deep blocks are skipped), so the latent moves a little
     assert rows["deepcache-5@0"]["model_calls"] == rows["unpatched"]["model_calls"] == 3
     assert rows["deepcache-5@0"]["rel_error"] > 0
+    # ...and the deep ResBlocks did not run on the shallow steps, counted by hooks on the UNet
+    assert 0 < rows["deepcache-5@0"]["block_calls"] < rows["unpatched"]["block_calls"]
+    assert rows["sito@0.5"]["block_calls"] == rows["unpatched"]["block_calls"]
     for suffix in (".json", ".md", "-grid.png", "-pareto.png"):
         assert (tmp_path / f"quality-3-euler{suffix}").is_file()

@@ -53,13 +53,16 @@ WORK = {
 
 def assert_patched(prompt: dict, settings: dict, log_lines: list[str], n: int) -> None:
     """The prompt's patch node ran on the sampler: its summary line is in the log of this prompt
-    and reports work (prune_ratio 0 prunes nothing by design and is only checked for the line)."""
+    and reports work. SiTo at prune_ratio 0 passes the model through unpatched (no patch, so no
+    run and no summary line): that prompt must have none."""
     cls = next(c["class_type"] for c in prompt.values() if c["class_type"] in NODES)
     prefix, worked = WORK[cls]
     lines = [line[line.index(prefix):] for line in log_lines if prefix in line]
+    if settings.get("prune_ratio", 1) == 0:
+        assert lines == [], (n, cls, lines)
+        return
     assert len(lines) == 1, (n, cls, lines)
-    if settings.get("prune_ratio", 1) > 0:
-        assert worked(lines[0]), (n, lines[0])
+    assert worked(lines[0]), (n, lines[0])
 
 
 def rss_kib(pid: int) -> int:

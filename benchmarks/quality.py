@@ -209,16 +209,20 @@ def patch(base, v, seed: int):
 
 
 class BlockCalls:
-    """Counts the UNet's ResBlock calls (a DeepCache-style shallow step skips the deep ones).
+    """Counts the UNet's ResBlocks that computed (a DeepCache-style shallow step skips the deep ones).
 
-    The ResBlocks, not the input/middle/output blocks: ComfyUI's UNet runs the layers of each
-    ``TimestepEmbedSequential`` one by one, so a hook on the block itself never fires."""
+    The hook sits on each ResBlock's first layer (``in_layers[0]``), as tests/work_meter.py
+    does: DaTo's shallow steps still enter the deep ResBlocks, whose patched ``forward``
+    returns the cache without running their layers. Not the input/middle/output blocks
+    either: ComfyUI's UNet runs the layers of each ``TimestepEmbedSequential`` one by one, so
+    a hook on the block itself never fires."""
 
     def __init__(self, dm):
         from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
         self.calls = 0
-        self._hooks = [m.register_forward_pre_hook(self._hook) for m in dm.modules() if isinstance(m, ResBlock)]
+        self._hooks = [m.in_layers[0].register_forward_pre_hook(self._hook) for m in dm.modules()
+                       if isinstance(m, ResBlock)]
 
     def _hook(self, module, args):
         self.calls += 1

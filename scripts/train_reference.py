@@ -98,6 +98,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
 
     shipped = args.out / "unet.safetensors"
+    warm_from = 0  # a fresh optimiser warms up again from the step it starts at
     if args.resume and args.state.is_file():
         st = torch.load(args.state, weights_only=False)
         for p, v in zip(params, st["params"]):
@@ -119,6 +120,7 @@ def main() -> None:
             rows = list(csv.DictReader(log.open()))
             if rows:
                 step, images_seen, minutes_before = int(rows[-1]["step"]), int(rows[-1]["images_seen"]), float(rows[-1]["minutes"])
+        warm_from = step
         print(f"[train] resumed from the shipped EMA weights (fresh optimiser): step {step}")
 
     # SD's scaled-linear schedule as ComfyUI holds it (sigma_t per step): acp = 1 / (1 + sigma^2).
@@ -209,7 +211,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+            g["lr"] = args.lr * min(1.0, (step - warm_from + 1) / args.warmup)
         opt.step()
         step += 1
         images_seen += args.batch

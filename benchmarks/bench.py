@@ -1025,8 +1025,8 @@ class _Labels:
 
     def __enter__(self):
         import comfy_extras.nodes_tomesd as tome
-        from token_pruning_cache.nodes import sito_node
         from token_pruning_cache.pruning_core import recovery
+        from token_pruning_cache.pruning_core import sito as sito_core
 
         def level(x):
             return f"{x.shape[1]} tokens" if x is not None and x.dim() == 3 else "?"
@@ -1048,7 +1048,6 @@ class _Labels:
                         self.hook(m, lambda x, s=stream, q=part: f"{s} {q} [{level(x)}]")
         if any(type(m).__name__ == "JointBlock" for m in self.dm.modules()):
             import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
-            from token_pruning_cache.nodes import adapter
             from token_pruning_cache.pruning_core import cat as cat_core
             orig_attn = mmdit.optimized_attention
 
@@ -1060,8 +1059,8 @@ class _Labels:
             self.undo.append((mmdit, "optimized_attention", orig_attn))
             for name in ("set_reference", "first_selection", "next_selection"):
                 self.patch_attr(cat_core.CATState, name, f"select: CAT {name}")
-            self.patch_attr(adapter, "_latent_mask", "gather: CAT latent mask")
-        self.patch_attr(sito_node, "sito_plan", "select: sito_plan")
+            self.patch_attr(cat_core, "merge_prediction", "gather: CAT merge_prediction")
+        self.patch_attr(sito_core, "sito_plan", "select: sito_plan")
         self.patch_attr(recovery.PrunePlan, "prune", "gather: PrunePlan.prune")
         self.patch_attr(recovery.PrunePlan, "recover", "gather: PrunePlan.recover")
         orig_get = tome.get_functions

@@ -730,15 +730,6 @@ def _cat_level(n_tokens: int) -> tuple[bool, torch.Tensor | None]:
     return False, None
 
 
-def _latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> torch.Tensor:
-    """``[1, 1, h, w]`` bool: latent positions covered by selected tokens."""
-    m = torch.zeros(grid.n, dtype=torch.bool, device=selection.device).index_fill_(0, selection, True)
-    m = m.reshape(1, 1, grid.h, grid.w)
-    p, q = -(-h // grid.h), -(-w // grid.w)
-    m = m.repeat_interleave(p, dim=2).repeat_interleave(q, dim=3)
-    return m[:, :, :h, :w]
-
-
 def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], warmup_steps: int,
                 family: str, factor: int = 1, max_downsample: int | None = None) -> None:
     """Install CAT for ``uid``. ``family`` is "unet", "mmdit" or "flux"; ``factor`` the UNet level
@@ -747,6 +738,7 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
 
     ``policy_factory(grid)`` returns a fresh per-run selection policy (``pruning_core.cat.CATState``).
     """
+    from ..pruning_core import cat as cat_core
     from ..pruning_core.cat import prediction_tokens
 
     W = _wrappers()
@@ -792,7 +784,7 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], object], 
              _CAT.levels) = previous
         prev_out = cat["previous"].get(chunk)
         if selection is not None and prev_out is not None and prev_out.shape == out.shape:
-            out = torch.where(_latent_mask(selection, grid, out.shape[-2], out.shape[-1]), out, prev_out)
+            out = cat_core.merge_prediction(out, prev_out, selection, grid)
             state.count(grid, grid.n - selection.numel())
         cat["previous"][chunk] = out
         # The cond rows drive the selection (official). A grid that never saw a cond row (an area

@@ -6,7 +6,8 @@ import logging
 
 from comfy_api.latest import io
 
-from ..pruning_core.sito import SiToConfig, sito_plan
+from ..pruning_core import sito
+from ..pruning_core.sito import SiToConfig
 from . import adapter
 from ._schema import build
 
@@ -47,7 +48,7 @@ def apply_sito(model, *, prune_ratio=0.5, max_downsample="auto", prune_self_attn
                                       ("attn2", prune_cross_attn), ("mlp", prune_mlp)) if on)
 
     def planner(n, grid, state):
-        return sito_plan(n, grid, cfg, state.generator(n.device) if cfg.noise_alpha else None)
+        return sito.sito_plan(n, grid, cfg, state.generator(n.device) if cfg.noise_alpha else None)
 
     def summary(state):
         return (f"SiTo: r={prune_ratio:g} on {layers}, levels up to 1/{factor}: {state.summary_levels()}; "

@@ -375,12 +375,6 @@ class CATState:
             out.append((grid, selection))
         return out
 
-    def selected_mask(self) -> torch.Tensor | None:
-        """``[N]`` bool, True for tokens of the current selection (for previews and tests)."""
-        if self.selection is None:
-            return None
-        return torch.zeros(self.grid.n, dtype=torch.bool, device=self.selection.device).index_fill_(0, self.selection, True)
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers for pruned steps
@@ -401,13 +395,22 @@ def merge_tokens(fresh_selected: torch.Tensor, cached_full: torch.Tensor, idx: t
     return cached_full.index_copy(-2, idx, fresh_selected.to(cached_full.dtype))
 
 
-def merge_prediction(new_pred_tokens: torch.Tensor, prev_pred_tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Noise-space reuse: the new prediction on selected tokens, the previous one elsewhere.
+def token_mask(selection: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``[N]`` bool: True at the selected tokens."""
+    return torch.zeros(n_tokens, dtype=torch.bool, device=selection.device).index_fill_(0, selection, True)
 
-    ``new_pred_tokens``: ``[B, N, C]`` (the model's full output; only rows ``idx`` are used) or
-    ``[B, S, C]`` (already gathered); ``prev_pred_tokens``: ``[B, N, C]`` prediction stored at the
-    previous step. The result is also what the caller stores as the next "previous".
-    """
-    if new_pred_tokens.shape[-2] == prev_pred_tokens.shape[-2]:
-        new_pred_tokens = gather_tokens(new_pred_tokens, idx)
-    return merge_tokens(new_pred_tokens, prev_pred_tokens, idx)
+
+def latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> torch.Tensor:
+    """``[1, 1, h, w]`` bool: the latent positions covered by selected tokens of ``grid`` (a
+    token covers a ``ceil(h / grid.h) x ceil(w / grid.w)`` patch; the last ones are cropped)."""
+    m = token_mask(selection, grid.n).reshape(1, 1, grid.h, grid.w)
+    p, q = -(-h // grid.h), -(-w // grid.w)
+    m = m.repeat_interleave(p, dim=2).repeat_interleave(q, dim=3)
+    return m[:, :, :h, :w]
+
+
+def merge_prediction(new: torch.Tensor, previous: torch.Tensor, selection: torch.Tensor,
+                     grid: TokenGrid) -> torch.Tensor:
+    """Noise-space reuse on a latent-shaped prediction ``[B, C, H, W]``: the new prediction where
+    a selected token of ``grid`` lies, the previous step's elsewhere."""
+    return torch.where(latent_mask(selection, grid, new.shape[-2], new.shape[-1]), new, previous)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from token_pruning_cache.pruning_core.cat import (CATConfig, CATState, carry_selection, first_selection, gather_tokens,
-                                                  later_selection, merge_prediction, merge_tokens,
+                                                  later_selection, latent_mask, merge_prediction, merge_tokens,
+                                                  token_mask,
                                                   noise_relative_magnitude, prediction_tokens, rank_clusters,
                                                   selection_size, update_staleness)
 from token_pruning_cache.pruning_core.geometry import TokenGrid
@@ -245,11 +246,22 @@ def test_merge_tokens_and_prediction(batch):
     assert torch.equal(out[:, rest], cached[:, rest])
     assert torch.equal(gather_tokens(out, idx), fresh.half())
 
-    new_full = torch.randn(batch, n, c, generator=_gen(2)).half()
-    merged = merge_prediction(new_full, cached, idx)
-    assert torch.equal(merged[:, idx], new_full[:, idx])
-    assert torch.equal(merged[:, rest], cached[:, rest])
-    assert torch.equal(merge_prediction(new_full[:, idx], cached, idx), merged)
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (5, 7)])
+def test_merge_prediction_takes_the_new_prediction_under_selected_tokens(hw):
+    """A token of a 3x4 grid covers a 2x2 latent patch (cropped at odd sides)."""
+    h, w = hw
+    grid = TokenGrid(3, 4)
+    new, prev = torch.randn(2, 4, h, w, generator=_gen(3)), torch.randn(2, 4, h, w, generator=_gen(4))
+    selection = torch.tensor([0, 6, 11])  # (0,0), (1,2), (2,3)
+    merged = merge_prediction(new, prev, selection, grid)
+    fresh = torch.zeros(h, w, dtype=torch.bool)
+    for t in selection.tolist():
+        r, c = divmod(t, grid.w)
+        fresh[2 * r:2 * r + 2, 2 * c:2 * c + 2] = True
+    assert torch.equal(merged, torch.where(fresh, new, prev))
+    assert torch.equal(latent_mask(selection, grid, h, w)[0, 0], fresh)
 
 
 def test_state_rejects_another_grid_and_needs_reference():
@@ -261,7 +273,7 @@ def test_state_rejects_another_grid_and_needs_reference():
     state.set_reference(torch.zeros(1, 24, 4))
     idx = state.first_selection(torch.randn(1, 24, 4, generator=_gen(0)))
     _check_selection(idx, 24, 7)
-    assert state.selected_mask().sum() == 7
+    assert token_mask(state.selection, 24).sum() == 7
 
 
 def test_carry_selection_keeps_the_most_covered_coarse_tokens():
@@ -301,7 +313,7 @@ def test_state_carries_the_keep_ratio_to_every_coarser_level(hw):
         _check_selection(kept, g.n, selection_size(0.3, g.n))
         assert state.level_freq[level].shape == (g.n,)
     # the defining property on the first level: no dropped coarse token covers more of the selection
-    fine = torch.nn.functional.pad(state.selected_mask().float().reshape(grid.h, grid.w),
+    fine = torch.nn.functional.pad(token_mask(state.selection, grid.n).float().reshape(grid.h, grid.w),
                                    (0, grid.w % 2, 0, grid.h % 2), value=float("nan"))
     g1, kept1 = levels[0]
     coverage = fine.reshape(g1.h, 2, g1.w, 2).nanmean(dim=(1, 3)).flatten()

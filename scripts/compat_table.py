@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Print the README "Compatibility" table from the compatibility matrix tests.
+"""Print the table of docs/compatibility.md from the compatibility matrix tests.
 
     python scripts/compat_table.py                 # runs the whole matrix (fast + slow, ~15-20 min)
     python scripts/compat_table.py --fast          # only the rows of `make test` (-m "not slow")

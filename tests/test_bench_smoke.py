@@ -178,7 +178,7 @@ def test_bench_dato_custom_schedule(tmp_path):
     assert proc.returncode != 0 and "needs --dato-schedule" in proc.stderr
 
 
-# Every bench.py variant behind a README figure, on the tiny UNet: the path runs and changes the
+# Every bench.py variant behind a figure of docs/benchmarks.md, on the tiny UNet: the path runs and changes the
 # latent (lower bound) without destroying it (upper bound). 10 steps, so that CAT (8 full steps
 # with its default warm-up) prunes two of them.
 README_VARIANTS = ("unpatched,dato-official@0.4,dato-official-dense@0.4,dato-aggressive@0.4,deepcache-5@0,"
@@ -202,7 +202,7 @@ def test_bench_readme_variants_run(tmp_path):
 
 
 def test_bench_profile_runs(tmp_path):
-    """--profile (the README's 'where the time goes' figures) on the tiny UNet."""
+    """--profile (the 'where the time goes' figures of docs/benchmarks.md) on the tiny UNet."""
     cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--profile", "sito@0.5", "--out",
            str(tmp_path / "profile.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -17,7 +17,7 @@ cores. ``tiny_models.build`` itself is used for the (slow) dtype rows.
 The module runs torch on one thread (``TPC_TORCH_THREADS`` overrides): on a shared 2-core
 machine two intra-op threads spin against each other and a 4-step run is ~10x slower.
 
-``scripts/compat_table.py`` turns a junit xml of this file into the README table; each test
+``scripts/compat_table.py`` turns a junit xml of this file into the table of docs/compatibility.md; each test
 records ``theme`` / ``row`` / ``method`` (and ``status=warn`` when it passed by warning).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ComfyUI side of the pack: thin V3 nodes and the one adapter (``adapter.py``)."""
+"""ComfyUI side of the pack: thin V3 nodes, their parameter tables (``params.py``) and the one package that touches ComfyUI internals (``hooks/``)."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io

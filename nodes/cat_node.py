@@ -8,58 +8,83 @@ import logging
 from comfy_api.latest import io
 
 from ..pruning_core.cat import CATConfig, CATState
-from . import adapter
+from . import hooks
 from ._schema import build
-from .sito_node import CATEGORY, DOWNSAMPLE_CHOICES
+from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem
 
 log = logging.getLogger("token_pruning_cache")
 
 
-def cat_problem(keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-                start_percent=0.0, end_percent=1.0):
-    problem = CATConfig(keep_ratio=keep_ratio, num_clusters=num_clusters, cluster_share=cluster_share,
-                        staleness_decay=staleness_decay).problem()
+PARAMS = Params(
+    Param("keep_ratio", "float", 0.3, "Fraction of tokens recomputed on each pruned step (0.3 = 70% pruned, as in "
+          "the paper). 1.0 recomputes everything (output identical to the unpatched model).", 0.05, 1.0, 0.05),
+    Param("warmup_steps", "int", 6, "Full steps before the reference step; then one clustering step, then pruned "
+          "steps (official: 6, i.e. pruning starts at step 8).", 0, 1000),
+    Param("num_clusters", "int", 20, "Spatial k-means clusters used to spread the recomputed tokens over the "
+          "image.", 1, 256),
+    Param("cluster_share", "float", 0.25, "Share of the recomputed tokens chosen from the most-changed clusters; the "
+          "rest are the least recently recomputed tokens.", 0.0, 1.0, 0.05),
+    Param("staleness_decay", "float", 0.5, "Per-step decay of each token's selection frequency (staleness memory).",
+          0.0, 0.99, 0.05),
+    Param("start_percent", "float", 0.0, "Pruned steps only happen after this point of the denoising schedule.",
+          0.0, 1.0, 0.01),
+    Param("end_percent", "float", 1.0, "Pruned steps stop after this point of the denoising schedule.",
+          0.0, 1.0, 0.01),
+    Param("seed", "int", 0, "Seed of the k-means clustering.", 0, 0xFFFFFFFF),
+    Param("max_downsample", "combo", "8", "UNets: which levels recompute only the selected tokens. 8 (default) = "
+          "every level with attention, middle block included; auto = only the highest-resolution one (the "
+          "selection's own grid); a coarser level recomputes the same share of its tokens, those covering the most "
+          "selected ones. Conv blocks always run in full. Ignored on SD3/Flux.", options=tuple(DOWNSAMPLE_CHOICES)),
+)
+
+
+def _config(o: dict) -> CATConfig:
+    return CATConfig(keep_ratio=o["keep_ratio"], num_clusters=o["num_clusters"], cluster_share=o["cluster_share"],
+                     staleness_decay=o["staleness_decay"], seed=o["seed"])
+
+
+def cat_problem(o: dict) -> str | None:
+    """What is wrong with a full set of options (``PARAMS.resolve``), or None."""
+    problem = _config(o).problem()
     if problem:
         return problem
-    if warmup_steps < 0:
-        return f"warmup_steps {warmup_steps} must be >= 0"
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        return f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1"
-    return None
+    if o["warmup_steps"] < 0:
+        return f"warmup_steps {o['warmup_steps']} must be >= 0"
+    return percent_problem(o["start_percent"], o["end_percent"])
 
 
-def apply_cat(model, *, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-              start_percent=0.0, end_percent=1.0, seed=0, max_downsample="8"):
-    """Return a clone of ``model`` with CAT Pruning installed (the input model is never modified)."""
-    problem = cat_problem(keep_ratio, warmup_steps, num_clusters, cluster_share, staleness_decay, start_percent,
-                          end_percent)
+def apply_cat(model, **options):
+    """Return a clone of ``model`` with CAT Pruning installed (the input model is never modified);
+    options not given take their defaults from :data:`PARAMS`."""
+    o = PARAMS.resolve(options)
+    problem = cat_problem(o)
     if problem:
         raise ValueError(f"CAT Pruning: {problem}")
-    levels = adapter.attention_levels(model)
-    family = "unet" if levels else adapter.dit_family(model)
+    levels = hooks.attention_levels(model)
+    family = "unet" if levels else hooks.dit_family(model)
     if family is None:
         log.warning("CAT Pruning: %s is not a supported model (UNet with SpatialTransformer levels, SD3 MMDiT or "
-                    "Flux); model passed through unchanged.", adapter.model_class_name(model))
+                    "Flux); model passed through unchanged.", hooks.model_class_name(model))
         return model
     coarsest = None
     if family == "unet":
-        coarsest, warning = adapter.resolve_max_downsample(model, str(max_downsample))
+        coarsest, warning = hooks.resolve_max_downsample(model, str(o["max_downsample"]))
         if warning:
             log.warning("CAT Pruning: %s", warning)
-    cfg = CATConfig(keep_ratio=keep_ratio, num_clusters=num_clusters, cluster_share=cluster_share,
-                    staleness_decay=staleness_decay, seed=seed)
+    cfg = _config(o)
     m = model.clone()
-    uid = adapter.new_uid("cat")
+    uid = hooks.new_uid("cat")
 
     def summary(state):
         kinds = list(state.record.step_kinds.values())
         pruned = kinds.count("pruned")
         return (f"CAT: {pruned} pruned / {len(kinds) - pruned} full of {state.total_steps} steps on {family}, "
-                f"{keep_ratio:.0%} of tokens recomputed per pruned step: {state.summary_levels('model calls')}")
+                f"{o['keep_ratio']:.0%} of tokens recomputed per pruned step: {state.summary_levels('model calls')}")
 
-    adapter.install_cat(m, uid, lambda grid: CATState(grid, cfg), warmup_steps, family,
-                        factor=levels[0] if levels else 1, max_downsample=coarsest)
-    adapter.install_run_lifecycle(m, uid, "cat", start_percent, end_percent, seed, summary)
+    hooks.install_cat(m, uid, lambda grid: CATState(grid, cfg), o["warmup_steps"], family,
+                      factor=levels[0] if levels else 1, max_downsample=coarsest)
+    hooks.install_run_lifecycle(m, uid, "cat", o["start_percent"], o["end_percent"], o["seed"], summary,
+                                new_data=lambda state: hooks.CATRun())
     return m
 
 
@@ -76,46 +101,20 @@ class CATPruneCache(io.ComfyNode):
                          "all other tokens reuse cached attention keys/values and attention/feed-forward outputs, and their "
                          "previous prediction; UNet conv blocks always run in full. "
                          "SD1.x/SD2.x/SDXL UNets, SD3 and Flux."),
-            inputs=[
-                build(io.Model.Input, id="model", tooltip="The diffusion model to accelerate. It is cloned, never modified."),
-                build(io.Float.Input, id="keep_ratio", default=0.3, min=0.05, max=1.0, step=0.05,
-                      tooltip="Fraction of tokens recomputed on each pruned step (0.3 = 70% pruned, as in the paper). "
-                              "1.0 recomputes everything (output identical to the unpatched model)."),
-                build(io.Int.Input, id="warmup_steps", default=6, min=0, max=1000,
-                      tooltip="Full steps before the reference step; then one clustering step, then pruned steps "
-                              "(official: 6, i.e. pruning starts at step 8)."),
-                build(io.Int.Input, id="num_clusters", default=20, min=1, max=256,
-                      tooltip="Spatial k-means clusters used to spread the recomputed tokens over the image."),
-                build(io.Float.Input, id="cluster_share", default=0.25, min=0.0, max=1.0, step=0.05,
-                      tooltip="Share of the recomputed tokens chosen from the most-changed clusters; the rest are "
-                              "the least recently recomputed tokens."),
-                build(io.Float.Input, id="staleness_decay", default=0.5, min=0.0, max=0.99, step=0.05,
-                      tooltip="Per-step decay of each token's selection frequency (staleness memory)."),
-                build(io.Float.Input, id="start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
-                      tooltip="Pruned steps only happen after this point of the denoising schedule."),
-                build(io.Float.Input, id="end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
-                      tooltip="Pruned steps stop after this point of the denoising schedule."),
-                build(io.Int.Input, id="seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Seed of the k-means clustering."),
-                build(io.Combo.Input, id="max_downsample", options=DOWNSAMPLE_CHOICES, default="8",
-                      tooltip="UNets: which levels recompute only the selected tokens. 8 (default) = every level with "
-                              "attention, middle block included; auto = only the highest-resolution one (the "
-                              "selection's own grid); a coarser level recomputes the same share of its tokens, those "
-                              "covering the most selected ones. Conv blocks always run in full. Ignored on SD3/Flux."),
-            ],
+            inputs=[build(io.Model.Input, id="model", tooltip="The diffusion model to accelerate. It is cloned, never modified.")]
+            + PARAMS.schema_inputs(),
             outputs=[build(io.Model.Output, tooltip="The model with CAT Pruning applied.")],
         )
 
     @classmethod
-    def validate_inputs(cls, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-                        start_percent=0.0, end_percent=1.0):
-        return cat_problem(keep_ratio, warmup_steps, num_clusters, cluster_share, staleness_decay, start_percent,
-                           end_percent) or True
+    def validate_inputs(cls, keep_ratio=None, warmup_steps=None, num_clusters=None, cluster_share=None,
+                        staleness_decay=None, start_percent=None, end_percent=None):
+        # Only the inputs named here are handed over (ComfyUI still range-checks the others).
+        o = PARAMS.resolve(dict(keep_ratio=keep_ratio, warmup_steps=warmup_steps, num_clusters=num_clusters,
+                                cluster_share=cluster_share, staleness_decay=staleness_decay,
+                                start_percent=start_percent, end_percent=end_percent), skip_none=True)
+        return cat_problem(o) or True
 
     @classmethod
-    def execute(cls, model, keep_ratio=0.3, warmup_steps=6, num_clusters=20, cluster_share=0.25, staleness_decay=0.5,
-                start_percent=0.0, end_percent=1.0, seed=0, max_downsample="8") -> io.NodeOutput:
-        return io.NodeOutput(apply_cat(model, keep_ratio=keep_ratio, max_downsample=max_downsample,
-                                       warmup_steps=warmup_steps,
-                                       num_clusters=num_clusters, cluster_share=cluster_share,
-                                       staleness_decay=staleness_decay, start_percent=start_percent,
-                                       end_percent=end_percent, seed=seed))
+    def execute(cls, model, **options) -> io.NodeOutput:
+        return io.NodeOutput(apply_cat(model, **options))

@@ -1,6 +1,6 @@
 """Token Pruning Preview node: draws what the pack's patches decided during the last run.
 
-During sampling the adapter records, per step and at the highest-resolution pruned level,
+During sampling the pack's hooks record, per step and at the highest-resolution pruned level,
 one small token map (row 0 of the batch: 0 kept / 1 base / 2 pruned for SiTo and DaTo,
 0 recomputed / 2 cached for CAT) and each step's kind (full / shallow / reuse / pruned).
 This node only draws them: one heatmap per recorded step range plus a strip of step kinds.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from . import adapter
+from . import hooks
 from ._schema import build
-from .sito_node import CATEGORY
+from .params import CATEGORY
 
 # RGB in [0, 1]
 TOKEN_COLOURS = {
@@ -116,5 +116,5 @@ class TokenPruningPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, panels=6) -> io.NodeOutput:
-        image = render(adapter.last_records(model), panels=panels)
+        image = render(hooks.last_records(model), panels=panels)
         return io.NodeOutput(image.unsqueeze(0).clamp(0, 1))

@@ -5,7 +5,7 @@ base token, recovered from it) and changes only how *base tokens* are chosen: th
 each window whose prediction changed most between the two previous model evaluations,
 score = γ·D + α·ε with D = mean over channels of |ε_t − ε_{t−1}| (docs/algorithms.md §3.3).
 Feature caching (DeepCache-style shallow and reuse steps) is the schedule's job
-(``schedule.py``) and the adapter's; nothing here knows about it.
+(``schedule.py``) and ``nodes/hooks/dato_cache.py``'s; nothing here knows about it.
 
 Deviations from the official code, on purpose:
 - D comes from *this run's* two previous evaluations of the same cond/uncond chunk (the

@@ -39,6 +39,25 @@ class TokenGrid:
         return TokenGrid((self.h + 1) // 2, (self.w + 1) // 2)
 
 
+def latent_token_grid(h: int, w: int, factor: int) -> TokenGrid:
+    """The token grid of an ``h × w`` latent at ``factor`` latent pixels per token side (a power
+    of two: a UNet level's downsample factor, or a DiT's patch size)."""
+    grid = TokenGrid(h, w)
+    for _ in range(max(factor.bit_length() - 1, 0)):
+        grid = grid.halved()
+    return grid
+
+
+def coarser_token_counts(grid: TokenGrid, halvings: int) -> list[int]:
+    """Token counts of the next ``halvings`` coarser UNet levels; a count identifies the level
+    of a block call."""
+    sizes = []
+    for _ in range(halvings):
+        grid = grid.halved()
+        sizes.append(grid.n)
+    return sizes
+
+
 def grid_from_shapes(n_tokens: int, activations_shape=None, original_shape=None) -> TokenGrid:
     """Recover the grid of an ``N``-token sequence.
 

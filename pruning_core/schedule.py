@@ -9,8 +9,8 @@ A :class:`Schedule` says, for every sampling step, how much of the UNet runs:
 - **REUSE** — nothing runs; the step returns the previous step's prediction unchanged
   (DaTo's ``v = 0``).
 
-The schedule is data only: it knows nothing about how blocks are skipped (that is the
-adapter's job, see ``nodes/adapter.py``). It can be printed, parsed, compared, resampled
+The schedule is data only: it knows nothing about how blocks are skipped (that is the job of
+``nodes/hooks/dato_cache.py``). It can be printed, parsed, compared, resampled
 to another step count and costed.
 
 Text syntax (what ``str()`` prints and :meth:`Schedule.parse` reads)

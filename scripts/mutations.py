@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # replace patches call the original block, DIFFUSION_MODEL/APPLY_MODEL wrappers call through).
 # Its run lifecycle (OUTER_SAMPLE/CALC_COND_BATCH: run state and summary line) stays, so the node
 # still logs a line per run: the tests have to measure the work, not read it.
-_ADAPTER_PASSTHROUGH = '''
+_PATCHING_PASSTHROUGH = '''
 
 _PASSTHROUGH = False  # MUTATION: set while a mutated node is being applied
 
@@ -46,12 +46,14 @@ def _mut_passthrough(slot, fn, model, where):
     return lambda n, extra: n
 
 
-def _mut_add_wrapper(model, kind, key, fn):
-    W = _wrappers()
+def _mut_wrapper(kind, fn):
+    W = wrapper_kinds()
     if _PASSTHROUGH and kind in (W.DIFFUSION_MODEL, W.APPLY_MODEL):
-        fn = lambda executor, *args, **kwargs: executor(*args, **kwargs)  # noqa: E731
-    getattr(model, "add_wrapper_with_key")(kind, key, fn)
+        return lambda executor, *args, **kwargs: executor(*args, **kwargs)  # noqa: E731
+    return fn
 '''
+
+_PATCHING = "nodes/hooks/patching.py"
 
 
 def _passthrough_node(method: str) -> list[tuple]:
@@ -60,19 +62,19 @@ def _passthrough_node(method: str) -> list[tuple]:
     wrapper = f'''
 
 def {apply}(model, **kwargs):  # MUTATION: every patch of this node is a pass-through
-    adapter._PASSTHROUGH = True
+    hooks.patching._PASSTHROUGH = True
     try:
         return _mut_{apply}(model, **kwargs)
     finally:
-        adapter._PASSTHROUGH = False
+        hooks.patching._PASSTHROUGH = False
 '''
     return [
-        ("nodes/adapter.py", "\n# --------------------------------------------------------------------------------------\n# Per-run state",
-         _ADAPTER_PASSTHROUGH + "\n# --------------------------------------------------------------------------------------\n# Per-run state"),
-        ("nodes/adapter.py", '    fn = _eager(fn)\n    if slot == "object":',
-         '    if _PASSTHROUGH:\n        fn = _mut_passthrough(slot, fn, model, where)\n    fn = _eager(fn)\n    if slot == "object":'),
-        ("nodes/adapter.py", "model.add_wrapper_with_key(", "_mut_add_wrapper(model, ", "all"),
-        (node, f"def {apply}(model, *,", f"def _mut_{apply}(model, *,"),
+        (_PATCHING, "\n\ndef eager(fn):", _PATCHING_PASSTHROUGH + "\n\ndef eager(fn):"),
+        (_PATCHING, '    fn = eager(fn)\n    if slot == "object":',
+         '    if _PASSTHROUGH:\n        fn = _mut_passthrough(slot, fn, model, where)\n    fn = eager(fn)\n    if slot == "object":'),
+        (_PATCHING, '    model.add_wrapper_with_key(kind, f"{KEY_PREFIX}.{uid}", fn)',
+         '    model.add_wrapper_with_key(kind, f"{KEY_PREFIX}.{uid}", _mut_wrapper(kind, fn))'),
+        (node, f"def {apply}(model, **options):", f"def _mut_{apply}(model, **options):"),
         (node, f"\n\nclass ", wrapper + "\n\nclass ", "first"),
         (node, f"return io.NodeOutput({apply}(", f"return io.NodeOutput({apply}(", "check"),
     ]

@@ -282,12 +282,11 @@ def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batc
 def test_coarser_level_sizes_round_up():
     """A coarser level's token count identifies its block calls; odd sides round up, as the
     UNet's stride-2 convolutions do."""
-    from token_pruning_cache.nodes.adapter import _coarser_sizes
-    from token_pruning_cache.pruning_core.geometry import TokenGrid
+    from token_pruning_cache.pruning_core.geometry import TokenGrid, coarser_token_counts
 
-    assert _coarser_sizes(TokenGrid(5, 7), 2) == [3 * 4, 2 * 2]
-    assert _coarser_sizes(TokenGrid(64, 64), 3) == [1024, 256, 64]
-    assert _coarser_sizes(TokenGrid(5, 7), 0) == []
+    assert coarser_token_counts(TokenGrid(5, 7), 2) == [3 * 4, 2 * 2]
+    assert coarser_token_counts(TokenGrid(64, 64), 3) == [1024, 256, 64]
+    assert coarser_token_counts(TokenGrid(5, 7), 0) == []
 
 
 def test_unet_coarser_levels_recompute_the_carried_selection(models, sd15_top, caplog):

@@ -1,7 +1,7 @@
 """ComfyUI 0.38.x behaviours imitated on the 0.3.75 we can run (issue 5, "Current ComfyUI").
 
 Each test switches one upstream behaviour on (../shared/docs/comfyui-upstream.md), proves
-that the imitation is active, and checks that the pack's adapter still gives exactly the
+that the imitation is active, and checks that the pack's hooks still give exactly the
 result it gives without it:
 
 - ``clone()`` copies only dicts and lists of ``model_options`` (``comfy.utils.deepcopy_list_dict``)
@@ -33,7 +33,10 @@ import tiny_models as tm
 from comfy.patcher_extension import CallbacksMP, WrappersMP
 from comfy_api.latest import io
 from tiny_models import make_conds
-from token_pruning_cache.nodes import _schema, adapter
+from token_pruning_cache.nodes import _schema
+from token_pruning_cache.nodes.hooks import cat_dit, cat_step
+from token_pruning_cache.nodes.hooks.patching import ATTACHMENT_KEY
+from token_pruning_cache.nodes.hooks.run import RunState
 from token_pruning_cache.nodes.cat_node import CATPruneCache, apply_cat
 from token_pruning_cache.nodes.dato_node import DaToPruneCache, apply_dato
 from token_pruning_cache.nodes.sito_node import SiToTokenPruning, apply_sito
@@ -138,9 +141,9 @@ def test_clone_sharing_holders_two_patches_from_one_base(method, logs, monkeypat
     assert torch.equal(runs[1], expected[1]) and torch.equal(runs[3], expected[1])
     assert torch.equal(chained, expected_chain)
     assert repr(base.model_options) == options_before
-    assert not base.get_attachment(adapter.ATTACHMENT_KEY)
+    assert not base.get_attachment(ATTACHMENT_KEY)
     # the two patches share their base, never their per-run state: both kept their own uid
-    uids = [u for m in (first, second) for u, _ in m.get_attachment(adapter.ATTACHMENT_KEY)]
+    uids = [u for m in (first, second) for u, _ in m.get_attachment(ATTACHMENT_KEY)]
     assert len(set(uids)) == 2
 
 
@@ -229,7 +232,7 @@ def test_prepare_state_three_argument_callbacks(method, logs, monkeypatch):
     base = base_model()
     model = patch(method, base)
     ours = model.get_all_callbacks(CallbacksMP.ON_PREPARE_STATE)
-    for cb in ours:  # if the adapter registers any, they must take the 0.38 signature
+    for cb in ours:  # if the pack registers any, they must take the 0.38 signature
         inspect.signature(cb).bind(model, torch.tensor([1.0]), {})
     expected = sample(model)
 
@@ -358,7 +361,7 @@ def _dit_args(n_img=16, n_txt=4, c=8, single=False):
 def test_dit_block_replace_passes_unknown_keys_through(kind):
     n_img, n_txt = 16, 4
     uid = "cat-test"
-    block = adapter._cat_dit_block(uid, (kind, 0))
+    block = cat_dit.cat_dit_block(uid, (kind, 0))
     received = []
 
     def original_block(args):
@@ -381,28 +384,28 @@ def test_dit_block_replace_passes_unknown_keys_through(kind):
     check_last()
     assert "extra_out" in out
 
-    saved = (adapter._CAT.uid, adapter._CAT.state, adapter._CAT.chunk, adapter._CAT.selection, adapter._CAT.n_tokens)
-    try:
-        adapter._CAT.uid, adapter._CAT.chunk, adapter._CAT.n_tokens = uid, ("u",), n_img
-        adapter._CAT.state = adapter.RunState(uid, "cat", [1.0, 0.5, 0.0], 1.0, 0.0, seed=0)
-        # 2. full step: runs everything, remembers the block's update
-        adapter._CAT.selection = None
+    state = RunState(uid, "cat", [1.0, 0.5, 0.0], 1.0, 0.0, seed=0)
+    state.data = cat_step.CATRun()
+
+    def call(selection):  # the step wrapper's context, as it publishes it for the blocks
+        return cat_step.CALL.entered(cat_step.CATCall(uid, state, ("u",), selection, n_img, levels={}))
+
+    # 2. full step: runs everything, remembers the block's update
+    with call(None):
         full = block(args, {"original_block": original_block})
-        check_last()
-        assert "extra_out" in full and torch.equal(full["img"], args["img"] * 2.0 + 1.0)
-        # 3. pruned step: the block runs on the selected image tokens, unknown keys still there
-        selection = torch.tensor([0, 3, 5, 9, 15])
-        adapter._CAT.selection = selection
+    check_last()
+    assert "extra_out" in full and torch.equal(full["img"], args["img"] * 2.0 + 1.0)
+    # 3. pruned step: the block runs on the selected image tokens, unknown keys still there
+    selection = torch.tensor([0, 3, 5, 9, 15])
+    with call(selection):
         pruned = block(args, {"original_block": original_block})
-        check_last()
-        offset = n_txt if kind == "single_block" else 0
-        assert received[-1]["img"].shape[1] == offset + selection.numel()
-        assert received[-1]["pe"].shape[2] == n_txt + selection.numel()
-        assert "extra_out" in pruned and pruned["img"].shape == args["img"].shape
-        assert torch.allclose(pruned["img"], args["img"] * 2.0 + 1.0)  # affine block: cached update is exact
-    finally:
-        (adapter._CAT.uid, adapter._CAT.state, adapter._CAT.chunk, adapter._CAT.selection,
-         adapter._CAT.n_tokens) = saved
+    check_last()
+    offset = n_txt if kind == "single_block" else 0
+    assert received[-1]["img"].shape[1] == offset + selection.numel()
+    assert received[-1]["pe"].shape[2] == n_txt + selection.numel()
+    assert "extra_out" in pruned and pruned["img"].shape == args["img"].shape
+    assert torch.allclose(pruned["img"], args["img"] * 2.0 + 1.0)  # affine block: cached update is exact
+    assert cat_step.CALL.current is None  # the context is gone after the call
 
 
 # --------------------------------------------------------------------------------------

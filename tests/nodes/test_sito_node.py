@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tiny_models import build, run_sampler
-from token_pruning_cache.nodes import adapter
+from token_pruning_cache.nodes import hooks
+from token_pruning_cache.nodes.hooks.patching import ATTACHMENT_KEY
 from token_pruning_cache.nodes.sito_node import SiToTokenPruning, apply_sito
 
 
@@ -34,17 +35,17 @@ def tame(patcher, gain=0.05):
 
 
 def random_pruning(model, ratio, max_downsample=1):
-    """Cost-free random pruning through the same adapter: the baseline SiTo must beat."""
+    """Cost-free random pruning through the same hooks: the baseline SiTo must beat."""
     from token_pruning_cache.pruning_core.selection import plan_random, pruned_count
     m = model.clone()
-    uid = adapter.new_uid("random")
+    uid = hooks.new_uid("random")
 
     def planner(n, grid, state):
         k = pruned_count(ratio, grid.n, grid.window_count(2, 2))
         return plan_random(n.shape[0], grid, k, 2, 2, state.generator(n.device), n.device)
 
-    adapter.install_block_pruning(m, uid, adapter.BlockPruning(max_downsample=max_downsample), planner)
-    adapter.install_run_lifecycle(m, uid, "random", 0.0, 1.0, 0, lambda state: "random")
+    hooks.install_block_pruning(m, uid, hooks.BlockPruning(max_downsample=max_downsample), planner)
+    hooks.install_run_lifecycle(m, uid, "random", 0.0, 1.0, 0, lambda state: "random")
     return m
 
 
@@ -113,7 +114,7 @@ def test_input_model_untouched(sd15):
     m = apply_sito(sd15, prune_ratio=0.7, prune_cross_attn=True, prune_mlp=True)
     run_sampler(m, steps=2)
     assert repr(sd15.model_options) == options_before
-    assert not sd15.object_patches and not sd15.get_attachment(adapter.ATTACHMENT_KEY)
+    assert not sd15.object_patches and not sd15.get_attachment(ATTACHMENT_KEY)
     after = sd15.model.diffusion_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     # ComfyUI keeps the last patched clone loaded; sampling the original again unpatches it:
@@ -152,7 +153,7 @@ def test_sdxl_auto_level_prunes_the_32x32_level(sdxl):
     finally:
         for h in handles:
             h.remove()
-    assert adapter.attention_levels(sdxl)[0] == 2
+    assert hooks.attention_levels(sdxl)[0] == 2
     assert any(n == 64 - 32 for _, n in seen), sorted({n for _, n in seen})  # the 8x8 level, half pruned
     assert 0 < rel_err(out, ref) < 0.5
     zero = run_sampler(apply_sito(sdxl, prune_ratio=0.0), steps=2, latent_hw=(16, 16))

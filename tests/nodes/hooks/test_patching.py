@@ -1,8 +1,8 @@
-"""The adapter's registrations: every function it hands to ComfyUI runs eagerly.
+"""The pack's registrations: every function it hands to ComfyUI runs eagerly.
 
 Our input patches pass their plan to the output partner through thread-local objects, which
-``torch.compile`` would not replay (see ``adapter._eager``). All registrations go through
-``adapter._register``; this test reads back what the patched clone carries — attention patch
+``torch.compile`` would not replay (see ``hooks.patching.eager``). All registrations go through
+``hooks.patching.register``; this test reads back what the patched clone carries — attention patch
 lists, DiT block replacements and object patches — on every model family and method setting
 that registers something different, so a registration that bypasses the helper fails here.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import tiny_models as tm
-from token_pruning_cache.nodes import adapter
+from token_pruning_cache.nodes.hooks import patching
 from token_pruning_cache.nodes.cat_node import apply_cat
 from token_pruning_cache.nodes.dato_node import apply_dato
 from token_pruning_cache.nodes.sito_node import apply_sito
@@ -54,10 +54,10 @@ def test_every_registered_function_is_kept_out_of_compiled_graphs(case):
     found = registered_functions(patched)
     assert found, f"{case}: nothing was registered"
     plain = [name for name, fn in found.items() if not getattr(fn, "_torchdynamo_disable", False)]
-    assert plain == [], f"{case}: registered without adapter._eager: {plain}"
+    assert plain == [], f"{case}: registered without patching.eager: {plain}"
     assert registered_functions(base) == {}, "the input model was modified"
 
 
 def test_register_rejects_an_unknown_slot():
     with pytest.raises(KeyError):
-        adapter._register(tm.micro("sd15").clone(), "attn3", lambda *a: a)
+        patching.register(tm.micro("sd15").clone(), "attn3", lambda *a: a)

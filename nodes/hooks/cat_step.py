@@ -1,0 +1,232 @@
+"""CAT Pruning's step wrapper and everything CAT keeps for one run (:class:`CATRun`).
+
+An APPLY_MODEL wrapper (the one hook every model family fires, in every ComfyUI version; SD3
+has no DIFFUSION_MODEL wrapper in 0.3.x) publishes the step's selection to the blocks
+(:data:`CALL`), replaces the prediction of unselected tokens with the previous step's
+(noise-space reuse, on the denoised estimate APPLY_MODEL returns), and makes the next selection
+from the cond rows. What the blocks do with the selection: :mod:`.cat_unet`, :mod:`.cat_dit`.
+
+Step roles (docs/algorithms.md §4.3): ``warmup_steps`` full steps, the reference step, the
+clustering step (still full), then pruned steps, each using the selection the step before made.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ...pruning_core import cat as cat_core
+from ...pruning_core.cat import CATState
+from ...pruning_core.geometry import TokenGrid, coarser_token_counts, latent_token_grid
+from .calls import CallSlot, chunk_key, cond_rows, latent_of, transformer_options_of
+from .patching import add_wrapper, wrapper_kinds
+from .run import RunState, run_state
+
+CAT_FULL, CAT_REFERENCE, CAT_CLUSTER, CAT_PRUNED = "full", "reference", "cluster", "pruned"
+
+
+def cat_role(step: int, warmup_steps: int) -> str:
+    """Role of a step: ``warmup_steps`` full steps, the reference step, the clustering step, then pruned."""
+    if step < warmup_steps:
+        return CAT_FULL
+    if step == warmup_steps:
+        return CAT_REFERENCE
+    if step == warmup_steps + 1:
+        return CAT_CLUSTER
+    return CAT_PRUNED
+
+
+def full_step_count(warmup_steps: int) -> int:
+    """Steps that run in full before the first pruned one (warm-up, reference, clustering)."""
+    return warmup_steps + 2
+
+
+@dataclass
+class BlockCache:
+    """What one block (or sub-layer) of one chunk left on the last step that computed it.
+
+    A full step stores every token; a pruned step merges its selected tokens into the stored
+    tensor (:meth:`merge`), so the cache always holds the newest value of each token.
+    """
+
+    kv: torch.Tensor | None = None  # UNet self-attention: the norm1 input its keys/values came from
+    to_k: torch.Tensor | None = None  # UNet self-attention: projected keys
+    to_v: torch.Tensor | None = None  # UNet self-attention: projected values
+    out: torch.Tensor | None = None  # UNet attention / feed-forward output
+    delta: torch.Tensor | None = None  # DiT block: its residual update of the image tokens
+
+    def ready(self, x: torch.Tensor, selection: torch.Tensor | None, slots: tuple[str, ...]) -> bool:
+        """A pruned call can run: there is a selection and every slot holds a tensor of ``x``'s
+        batch and token count."""
+        if selection is None or x.dim() != 3:
+            return False
+        for slot in slots:
+            t = getattr(self, slot)
+            if t is None or t.shape[0] != x.shape[0] or t.shape[1] != x.shape[1]:
+                return False
+        return True
+
+    def merge(self, slot: str, out: torch.Tensor, selection: torch.Tensor | None, n_tokens: int) -> torch.Tensor:
+        """Full call (or a whole-length ``out``): store ``out``. Pruned call: put ``out`` (the
+        selected tokens) into the stored full tensor. Returns the full tensor."""
+        if selection is None or out.shape[1] == n_tokens:
+            setattr(self, slot, out)
+            return out
+        full = cat_core.merge_tokens(out, getattr(self, slot), selection)
+        setattr(self, slot, full)
+        return full
+
+
+@dataclass
+class GridRun:
+    """CAT on one token grid of the run (area/regional conds run on crops of the latent)."""
+
+    policy: CATState  # reference prediction, clusters, staleness, the current selection
+    selections: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> the tokens it recomputes
+    levels: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # step -> {coarser level's tokens: carried selection}
+    previous: dict[tuple, torch.Tensor] = field(default_factory=dict)  # chunk -> its last prediction
+    has_cond: bool = False  # a cond row has been seen on this grid (else the uncond rows drive)
+
+
+@dataclass
+class CATRun:
+    """Everything CAT keeps for one sampling run."""
+
+    grids: dict[TokenGrid, GridRun] = field(default_factory=dict)
+    blocks: dict[tuple, BlockCache] = field(default_factory=dict)  # (chunk, block key) -> its cache
+
+
+@dataclass(frozen=True)
+class CATCall:
+    """The model call being executed, as the blocks see it."""
+
+    uid: str
+    state: RunState
+    chunk: tuple
+    selection: torch.Tensor | None  # [S] sorted token indices; None on full steps
+    n_tokens: int  # tokens of the selection's grid (image tokens on DiTs)
+    levels: dict[int, torch.Tensor | None]  # UNet: tokens of each coarser eligible level -> its selection
+    keep_attn2: bool = False  # an attn2 replace patch (IPAdapter style) expects every query
+
+    def level(self, n_tokens: int) -> tuple[bool, torch.Tensor | None]:
+        """(eligible, selection) for a token sequence of this call: the selection's own grid, or
+        a coarser UNet level it was carried to; (False, None) for anything else."""
+        if n_tokens == self.n_tokens:
+            return True, self.selection
+        if n_tokens in self.levels:
+            return True, self.levels[n_tokens]
+        return False, None
+
+    def block_cache(self, key) -> BlockCache:
+        """This chunk's cache of the block (or sub-layer) ``key``."""
+        return self.state.data.blocks.setdefault((self.chunk, key), BlockCache())
+
+
+CALL: CallSlot[CATCall] = CallSlot()
+
+
+def call_of(uid: str) -> CATCall | None:
+    """The CAT call of patch ``uid`` this thread is executing, if any."""
+    call = CALL.current
+    return call if call is not None and call.uid == uid else None
+
+
+def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
+                     token_factor: int, halvings: int) -> None:
+    """The APPLY_MODEL wrapper of CAT patch ``uid`` (``state.data``: a :class:`CATRun`).
+
+    ``token_factor``: latent pixels per token side on the selection's grid; ``halvings``: how many
+    coarser UNet levels also recompute a carried selection.
+    """
+    W = wrapper_kinds()
+
+    def apply_model_wrapper(executor, *args, **kwargs):
+        to = transformer_options_of(args, kwargs)
+        state = run_state(to, uid)
+        x = latent_of(args, kwargs)
+        if state is None or x is None or x.dim() != 4:
+            return executor(*args, **kwargs)
+        run: CATRun = state.data
+        grid = latent_token_grid(x.shape[-2], x.shape[-1], token_factor)
+        g = run.grids.get(grid)
+        if g is None:
+            g = run.grids[grid] = GridRun(policy_factory(grid))
+        chunk = chunk_key(to)
+        role = cat_role(state.step, warmup_steps)
+        selection = g.selections.get(state.step) if (role == CAT_PRUNED and state.active) else None
+        # coarser levels: the selection carried down (None on full steps: run whole, fill the caches)
+        levels = {n: None for n in coarser_token_counts(grid, halvings)}
+        if selection is not None:
+            levels.update(g.levels.get(state.step, {}))
+        _record(state, grid, selection)
+        keep_attn2 = bool((to.get("patches_replace") or {}).get("attn2"))
+        if keep_attn2 and selection is not None:
+            state.skip("an attn2 replace patch (IPAdapter style) is present, so cross-attention ran on all tokens")
+        with CALL.entered(CATCall(uid, state, chunk, selection, grid.n, levels, keep_attn2)):
+            out = executor(*args, **kwargs)
+        prev_out = g.previous.get(chunk)
+        if selection is not None and prev_out is not None and prev_out.shape == out.shape:
+            out = cat_core.merge_prediction(out, prev_out, selection, grid)
+            state.count(grid, grid.n - selection.numel())
+        g.previous[chunk] = out
+        _select_next(state, g, role, out, to.get("cond_or_uncond"), grid, halvings)
+        return out
+
+    add_wrapper(model, W.APPLY_MODEL, uid, apply_model_wrapper)
+
+
+def _record(state: RunState, grid: TokenGrid, selection: torch.Tensor | None) -> None:
+    state.record.step_kinds.setdefault(state.step, "pruned" if selection is not None else "full")
+    if selection is not None and state.step not in state.record.token_maps:
+        codes = torch.full((grid.n,), 2, dtype=torch.uint8, device=selection.device)
+        codes[selection] = 0
+        state.record.add_map(state.step, grid, codes)
+
+
+def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond_or_uncond, grid: TokenGrid,
+                 halvings: int) -> None:
+    """The reference, or the selection of the next step, from this call's prediction.
+
+    The cond rows drive the selection (official). A grid that never saw a cond row (an area crop
+    only the uncond covers) uses its uncond rows instead.
+    """
+    rows = cond_rows(out.shape[0], cond_or_uncond)
+    if rows:
+        g.has_cond = True
+    elif not g.has_cond:
+        rows = list(range(out.shape[0]))
+    if role == CAT_FULL or not rows:
+        return
+    policy = g.policy
+    with state._lock:  # cond batches may run in threads (multi-GPU): one selection per step
+        if state.step + 1 in g.selections or (role == CAT_REFERENCE and policy.reference is not None):
+            return
+        pred = cat_core.prediction_tokens(out[rows], grid)
+        if role == CAT_REFERENCE:
+            policy.set_reference(pred, row=None)
+        elif policy.reference is not None:
+            g.selections[state.step + 1] = (policy.first_selection(pred, row=None) if role == CAT_CLUSTER
+                                            else policy.next_selection(pred, row=None))
+            if halvings > 0:
+                g.levels[state.step + 1] = {lv.n: sel for lv, sel in policy.coarser_selections(halvings)}
+
+
+def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
+                family: str, factor: int = 1, max_downsample: int | None = None) -> None:
+    """Install CAT for ``uid``: the step wrapper plus the block patches of ``family`` ("unet",
+    "mmdit" or "flux"). ``factor``: the UNet level the selection is made on (its
+    highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with
+    it (default: that level only). ``policy_factory(grid)`` makes a fresh per-run selection
+    policy per token grid."""
+    from .cat_dit import install_cat_dit
+    from .cat_unet import install_cat_unet
+
+    token_factor = factor if family == "unet" else 2  # DiTs here patchify 2x2
+    max_downsample = max(max_downsample or factor, factor) if family == "unet" else factor
+    install_cat_step(model, uid, policy_factory, warmup_steps, token_factor,
+                     halvings=max_downsample.bit_length() - factor.bit_length())
+    if family == "unet":
+        install_cat_unet(model, uid, max_downsample)
+    else:
+        install_cat_dit(model, uid, family)

@@ -1,0 +1,237 @@
+"""The run lifecycle: one :class:`RunState` per sampling run of each patch.
+
+- A node stores only *configuration* (frozen dataclasses captured by closures), so it does not
+  matter whether ``clone()`` deep-copies ``model_options`` (ComfyUI 0.3.x) or shares them
+  (0.38.x).
+- An OUTER_SAMPLE wrapper creates a fresh :class:`RunState` for each sampling run, puts it in
+  this run's ``transformer_options[RUN_KEY][uid]`` and drops it afterwards: a hires pass, a
+  second queue or an interrupted run never sees a previous run's tensors.
+- The sampler's per-step callback counts finished steps (Heun-type samplers call the model
+  twice per step and stay aligned to steps), and a CALC_COND_BATCH wrapper decides once per
+  step whether the patch is inside ``start_percent``/``end_percent`` (one host sync per step,
+  none per block call).
+- What a run decided (token maps, step kinds) is kept in a small bounded store of
+  :class:`RunRecord` for the preview node; sampling never reads it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Generic, TypeVar
+
+import torch
+
+from ...pruning_core.geometry import TokenGrid
+from .patching import add_wrapper, attach, attached, wrapper_kinds
+
+log = logging.getLogger("token_pruning_cache")
+
+RUN_KEY = "token_pruning_cache"  # transformer_options key holding {uid: RunState} during a run
+DISPLAY_NAMES = {"sito": "SiTo Token Pruning", "dato": "DaTo Prune + Cache", "cat": "CAT Pruning"}
+# Why a block call was left unpruned when another patch shortens the token sequence: one ahead of
+# ours in the attn1 patch list, or one after ours (its output patch runs before our recovery).
+CHANGED_BEFORE = "another patch had already changed their token sequence (put this node first in the chain)"
+PATCH_AFTER = ("another pack's self-attention patch (e.g. ToMe, HyperTile) comes after this node; "
+               "apply this node after it in the graph")
+
+D = TypeVar("D")
+
+_RECORDS: "OrderedDict[str, RunRecord]" = OrderedDict()
+_RECORDS_MAX = 16
+
+
+def new_uid(method: str) -> str:
+    return f"{method}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class RunRecord:
+    """What a run decided, kept at the highest-resolution level for the preview node."""
+
+    method: str
+    total_steps: int
+    token_maps: dict = field(default_factory=dict)  # step -> (h, w, uint8 map) 0 kept 1 base 2 pruned / 0 recomputed 2 cached
+    step_kinds: dict = field(default_factory=dict)  # step -> "full" | "shallow" | "reuse" | "pruned"
+    max_maps: int = 64
+
+    def add_map(self, step: int, grid: TokenGrid, codes: torch.Tensor) -> None:
+        if step in self.token_maps or len(self.token_maps) >= self.max_maps:
+            return
+        self.token_maps[step] = (grid.h, grid.w, codes.detach().to("cpu", torch.uint8).reshape(grid.h, grid.w))
+
+
+class RunState(Generic[D]):
+    """Everything that lives for exactly one sampling run of one patch.
+
+    The bookkeeping every method shares is here; what one method keeps (caches, selections,
+    dynamics) is its own typed object in :attr:`data`, made by the node's ``new_data`` at the
+    start of the run and dropped at its end.
+    """
+
+    def __init__(self, uid: str, method: str, sample_sigmas: list[float], start_sigma: float, end_sigma: float,
+                 seed: int):
+        self.uid = uid
+        self.method = method
+        self.sample_sigmas = sample_sigmas
+        self.total_steps = max(len(sample_sigmas) - 1, 0)
+        self.start_sigma = start_sigma
+        self.end_sigma = end_sigma
+        self.seed = seed
+        self.step = 0  # index of the sampler step the next model call belongs to
+        self.callbacks_seen = 0
+        self.sigma: float | None = None
+        self.active = True
+        self.active_steps: set[int] = set()
+        self.level_stats: dict[tuple[int, int], list[int]] = {}  # (h, w) -> [calls, pruned, tokens]
+        self.record = RunRecord(method=method, total_steps=self.total_steps)
+        self.data: D | None = None  # the method's own per-run state
+        self.skipped: dict[str, int] = {}  # reason -> block calls left alone (one warning per run)
+        self.pruning_off = False  # token pruning disabled for this run (incompatible patch order)
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._lock = threading.Lock()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A seeded generator per device; re-created for every run, so runs are reproducible."""
+        g = self._generators.get(device)
+        if g is None:
+            with self._lock:
+                g = self._generators.get(device)
+                if g is None:
+                    g = torch.Generator(device=device)
+                    g.manual_seed(self.seed)
+                    self._generators[device] = g
+        return g
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def begin_step_call(self, sigma: float) -> None:
+        self.sigma = sigma
+        self.active = self.end_sigma <= sigma <= self.start_sigma
+
+    def step_finished(self, i: int) -> None:
+        self.callbacks_seen += 1
+        self.step = i + 1
+
+    def count(self, grid: TokenGrid, pruned: int) -> None:
+        s = self.level_stats.setdefault((grid.h, grid.w), [0, 0, 0])
+        s[0] += 1
+        s[1] += pruned
+        s[2] += grid.n
+        self.active_steps.add(self.step)
+
+    def summary_levels(self, unit: str = "block calls") -> str:
+        if not self.level_stats:
+            return "no tokens pruned"
+        parts = []
+        for (h, w), (calls, pruned, tokens) in sorted(self.level_stats.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
+            parts.append(f"{h}x{w}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} {unit}")
+        return "; ".join(parts)
+
+
+def run_state(transformer_options: dict, uid: str) -> RunState | None:
+    runs = transformer_options.get(RUN_KEY)
+    if runs is None:
+        return None
+    return runs.get(uid)
+
+
+def last_records(model) -> list[tuple[str, RunRecord]]:
+    """The records of the last run of every patch of ours on ``model`` (newest last)."""
+    out = []
+    for uid, method in attached(model):
+        rec = _RECORDS.get(uid)
+        if rec is not None:
+            out.append((method, rec))
+    return out
+
+
+def _store_record(uid: str, record: RunRecord) -> None:
+    _RECORDS[uid] = record
+    _RECORDS.move_to_end(uid)
+    while len(_RECORDS) > _RECORDS_MAX:
+        _RECORDS.popitem(last=False)
+
+
+def _sigma_of(timestep) -> float:
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0])  # one host sync per sampler step
+    return float(timestep)
+
+
+def install_run_lifecycle(model, uid: str, method: str, start_percent: float, end_percent: float, seed: int,
+                          summary: Callable[[RunState], str], new_data: Callable[[RunState], object] | None = None) -> None:
+    """Give the patch ``uid`` a fresh :class:`RunState` for every sampling run of ``model``;
+    ``new_data(state)`` makes the method's own per-run state (``state.data``)."""
+    import comfy.model_patcher
+
+    W = wrapper_kinds()
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        original_options = guider.model_options
+        guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        sampling = guider.model_patcher.get_model_object("model_sampling")
+        state = RunState(uid, method, [float(s) for s in sigmas.reshape(-1).cpu()],
+                         start_sigma=float(sampling.percent_to_sigma(start_percent)),
+                         end_sigma=float(sampling.percent_to_sigma(end_percent)), seed=seed)
+        to = guider.model_options.setdefault("transformer_options", {})
+        # Another pack's attn1 patch pair registered after ours would see our shortened
+        # sequence and its output patch would run before our recovery: prune nothing then.
+        attn1 = (to.get("patches") or {}).get("attn1_patch", [])
+        mine = [i for i, p in enumerate(attn1) if getattr(p, "token_pruning_uid", None) == uid]
+        foreign_after = bool(mine) and any(getattr(p, "token_pruning_uid", None) is None for p in attn1[mine[0] + 1:])
+        runs = dict(to.get(RUN_KEY, {}))
+        runs[uid] = state
+        to[RUN_KEY] = runs
+        if foreign_after:
+            state.pruning_off = True
+            state.skip(PATCH_AFTER)
+        if new_data is not None:
+            state.data = new_data(state)
+
+        user_callback = args[5] if len(args) > 5 else kwargs.get("callback")
+
+        def step_callback(i, *rest):
+            state.step_finished(int(i))
+            if user_callback is not None:
+                return user_callback(i, *rest)
+
+        if len(args) > 5:
+            args = args[:5] + (step_callback,) + args[6:]
+        else:
+            kwargs["callback"] = step_callback
+        finished = False
+        try:
+            out = executor(*args, **kwargs)
+            finished = True
+            return out
+        finally:
+            guider.model_options = original_options
+            _store_record(uid, state.record)
+            if finished:
+                log.info(summary(state))
+                if state.skipped:
+                    log.warning("%s: %s", DISPLAY_NAMES.get(method, method),
+                                "; ".join(f"{n} calls left unpruned because {why}" for why, n in state.skipped.items()))
+            state.data = None  # the run's tensors go with it
+
+    def calc_cond_batch(executor, *args, **kwargs):
+        model_options = args[4] if len(args) > 4 else kwargs["model_options"]
+        timestep = args[3] if len(args) > 3 else kwargs["timestep"]
+        state = run_state(model_options.get("transformer_options", {}), uid)
+        if state is not None:
+            state.begin_step_call(_sigma_of(timestep))
+        return executor(*args, **kwargs)
+
+    add_wrapper(model, W.OUTER_SAMPLE, uid, outer_sample)
+    add_wrapper(model, W.CALC_COND_BATCH, uid, calc_cond_batch)
+    attach(model, uid, method)
+
+
+def new_uid(method: str) -> str:
+    return f"{method}-{uuid.uuid4().hex[:8]}"

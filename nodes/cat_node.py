@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..pruning_core.cat import CATConfig, CATState
 from . import hooks
 from ._schema import build
-from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem
+from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem, window_and_seed
 
 log = logging.getLogger("token_pruning_cache")
 
@@ -26,11 +26,9 @@ PARAMS = Params(
           "rest are the least recently recomputed tokens.", 0.0, 1.0, 0.05),
     Param("staleness_decay", "float", 0.5, "Per-step decay of each token's selection frequency (staleness memory).",
           0.0, 0.99, 0.05),
-    Param("start_percent", "float", 0.0, "Pruned steps only happen after this point of the denoising schedule.",
-          0.0, 1.0, 0.01),
-    Param("end_percent", "float", 1.0, "Pruned steps stop after this point of the denoising schedule.",
-          0.0, 1.0, 0.01),
-    Param("seed", "int", 0, "Seed of the k-means clustering.", 0, 0xFFFFFFFF),
+    *window_and_seed("Pruned steps only happen after this point of the denoising schedule.",
+                     "Pruned steps stop after this point of the denoising schedule.",
+                     "Seed of the k-means clustering."),
     Param("max_downsample", "combo", "8", "UNets: which levels recompute only the selected tokens. 8 (default) = "
           "every level with attention, middle block included; auto = only the highest-resolution one (the "
           "selection's own grid); a coarser level recomputes the same share of its tokens, those covering the most "

@@ -11,7 +11,7 @@ from ..pruning_core import schedule as sched
 from ..pruning_core.dato import DaToConfig, dato_plan
 from . import hooks
 from ._schema import build
-from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem
+from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem, window_and_seed
 
 log = logging.getLogger("token_pruning_cache")
 
@@ -59,11 +59,9 @@ PARAMS = Params(
           "choice)."),
     Param("sign_flip", "boolean", False, "Official-code behaviour: on half of the block calls the least dynamic "
           "token becomes the base token. Off = always the most dynamic one, as the paper describes."),
-    Param("start_percent", "float", 0.0, "Caching and pruning start at this point of the denoising schedule.",
-          0.0, 1.0, 0.01),
-    Param("end_percent", "float", 1.0, "Caching and pruning stop after this point of the denoising schedule.",
-          0.0, 1.0, 0.01),
-    Param("seed", "int", 0, "Seed of the base-token noise.", 0, 0xFFFFFFFF),
+    *window_and_seed("Caching and pruning start at this point of the denoising schedule.",
+                     "Caching and pruning stop after this point of the denoising schedule.",
+                     "Seed of the base-token noise."),
     Param("sx", "int", 2, "Window width in tokens (one base token per window).", 1, 8, widget=False),
     Param("sy", "int", 2, "Window height in tokens (one base token per window).", 1, 8, widget=False),
 )

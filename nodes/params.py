@@ -69,3 +69,10 @@ def percent_problem(start_percent: float, end_percent: float) -> str | None:
         return f"start_percent ({start_percent}) and end_percent ({end_percent}) must satisfy 0 <= start <= end <= 1"
     return None
 
+
+
+def window_and_seed(start_tooltip: str, end_tooltip: str, seed_tooltip: str) -> tuple[Param, Param, Param]:
+    """``start_percent``, ``end_percent`` and ``seed``, which every node has (in this order)."""
+    return (Param("start_percent", "float", 0.0, start_tooltip, 0.0, 1.0, 0.01),
+            Param("end_percent", "float", 1.0, end_tooltip, 0.0, 1.0, 0.01),
+            Param("seed", "int", 0, seed_tooltip, 0, 0xFFFFFFFF))

@@ -10,7 +10,7 @@ from ..pruning_core import sito
 from ..pruning_core.sito import SiToConfig
 from . import hooks
 from ._schema import build
-from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem
+from .params import CATEGORY, DOWNSAMPLE_CHOICES, Param, Params, percent_problem, window_and_seed
 
 log = logging.getLogger("token_pruning_cache")
 
@@ -37,11 +37,9 @@ PARAMS = Params(
     Param("similarity_search", "combo", "local", "Where a token looks for its most similar base token. local = the "
           "3x3 surrounding windows (fast); global = every base token, as the official code (costs an N x N/4 "
           "similarity per block, as much as the attention it saves).", options=("local", "global")),
-    Param("start_percent", "float", 0.0, "Start pruning at this point of the denoising schedule (0 = first step).",
-          0.0, 1.0, 0.01),
-    Param("end_percent", "float", 1.0, "Stop pruning after this point of the denoising schedule (1 = last step).",
-          0.0, 1.0, 0.01),
-    Param("seed", "int", 0, "Seed of the base-token noise; same seed, same image.", 0, 0xFFFFFFFF),
+    *window_and_seed("Start pruning at this point of the denoising schedule (0 = first step).",
+                     "Stop pruning after this point of the denoising schedule (1 = last step).",
+                     "Seed of the base-token noise; same seed, same image."),
     Param("recovery", "combo", "base", "Whose attention output a pruned token copies. base = its most similar base "
           "token (the paper's figure); kept = its most similar kept token, base or not (the official code; one "
           "more small similarity per block, searched as similarity_search says); merge = base, and each base token "

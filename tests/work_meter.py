@@ -27,30 +27,50 @@ from __future__ import annotations
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 
-class WorkMeter:
-    def __init__(self, patcher, keep_outputs: bool = False):
+class ModuleHooks:
+    """Forward hooks on the modules of a patcher's diffusion model, for one ``with`` block.
+    Subclasses put theirs in :meth:`install`."""
+
+    def __init__(self, patcher):
         self.dm = patcher.model.diffusion_model
-        self.keep_outputs = keep_outputs
-        self.calls: list[dict] = []
-        self.res_blocks = sum(1 for m in self.dm.modules() if isinstance(m, ResBlock))
-        self.steps: int | None = None
         self._handles = []
 
+    def install(self) -> None:
+        raise NotImplementedError
+
+    def before(self, module, fn, with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def after(self, module, fn) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
     def __enter__(self):
-        self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
-        if self.keep_outputs:
-            self._handles.append(self.dm.register_forward_hook(self._end))
-        for name, mod in self.dm.named_modules():
-            if isinstance(mod, ResBlock):
-                self._handles.append(mod.in_layers[0].register_forward_pre_hook(self._res))
-            elif name.endswith("attn1"):
-                self._handles.append(mod.register_forward_pre_hook(self._attn1, with_kwargs=True))
+        self.install()
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class WorkMeter(ModuleHooks):
+    def __init__(self, patcher, keep_outputs: bool = False):
+        super().__init__(patcher)
+        self.keep_outputs = keep_outputs
+        self.calls: list[dict] = []
+        self.res_blocks = sum(1 for m in self.dm.modules() if isinstance(m, ResBlock))
+        self.steps: int | None = None
+
+    def install(self) -> None:
+        self.before(self.dm, self._start, with_kwargs=True)
+        if self.keep_outputs:
+            self.after(self.dm, self._end)
+        for name, mod in self.dm.named_modules():
+            if isinstance(mod, ResBlock):
+                self.before(mod.in_layers[0], self._res)
+            elif name.endswith("attn1"):
+                self.before(mod, self._attn1, with_kwargs=True)
 
     def _start(self, module, args, kwargs):
         to = kwargs.get("transformer_options") or {}

@@ -28,6 +28,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 
 from tiny_models import build, make_conds, run_sampler, sample_sigmas, step_of
+from work_meter import ModuleHooks
 from token_pruning_cache.nodes.dato_node import DEFAULT_PRESET, PRESETS, DaToPruneCache, apply_dato
 from token_pruning_cache.pruning_core.schedule import FULL, REUSE, Schedule
 
@@ -55,32 +56,25 @@ def sd15_ref(sd15):
 # Instrumentation
 # --------------------------------------------------------------------------------------
 
-class CallLog:
+class CallLog(ModuleHooks):
     """Per diffusion-model call: sigma, cond_or_uncond, batch, output, and what really computed."""
 
     def __init__(self, patcher):
-        self.dm = patcher.model.diffusion_model
+        super().__init__(patcher)
         self.calls: list[dict] = []
-        self._handles = []
 
-    def __enter__(self):
-        self._handles.append(self.dm.register_forward_pre_hook(self._start, with_kwargs=True))
-        self._handles.append(self.dm.register_forward_hook(self._end))
+    def install(self) -> None:
+        self.before(self.dm, self._start, with_kwargs=True)
+        self.after(self.dm, self._end)
         conv_in = self.dm.input_blocks[0][0]  # never object-patched: rank 0 always runs unless the step is reused
-        self._handles.append(conv_in.register_forward_pre_hook(self._hit("conv_in", "input_blocks.0.0")))
+        self.before(conv_in, self._hit("conv_in", "input_blocks.0.0"))
         for name, mod in self.dm.named_modules():
             if isinstance(mod, ResBlock):
-                self._handles.append(mod.in_layers[0].register_forward_pre_hook(self._hit("res", name)))
+                self.before(mod.in_layers[0], self._hit("res", name))
             elif isinstance(mod, SpatialTransformer):
-                self._handles.append(mod.norm.register_forward_pre_hook(self._hit("st", name)))
+                self.before(mod.norm, self._hit("st", name))
             elif name.endswith("attn1"):
-                self._handles.append(mod.register_forward_pre_hook(self._attn(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+                self.before(mod, self._attn(name))
 
     def _start(self, module, args, kwargs):
         to = kwargs.get("transformer_options") or {}

@@ -33,6 +33,12 @@ PARAMS = Params(
           "every level with attention, middle block included; auto = only the highest-resolution one (the "
           "selection's own grid); a coarser level recomputes the same share of its tokens, those covering the most "
           "selected ones. Conv blocks always run in full. Ignored on SD3/Flux.", options=tuple(DOWNSAMPLE_CHOICES)),
+    # The pack's earlier shortcuts, kept to measure against the official behaviour (docs/algorithms.md §4.6)
+    Param("dit_kv_cache", "boolean", True, "SD3: attention of pruned blocks sees every image token's keys/values "
+          "(fresh for the selected, cached for the rest); False runs the block on the selected tokens and reuses "
+          "the others' residual update.", widget=False),
+    Param("signal_before_merge", "boolean", True, "The next selection is made from the raw prediction; False: "
+          "from the prediction after unselected tokens were given their previous value.", widget=False),
 )
 
 
@@ -80,7 +86,8 @@ def apply_cat(model, **options):
                 f"{o['keep_ratio']:.0%} of tokens recomputed per pruned step: {state.summary_levels('model calls')}")
 
     hooks.install_cat(m, uid, lambda grid: CATState(grid, cfg), o["warmup_steps"], family,
-                      factor=levels[0] if levels else 1, max_downsample=coarsest)
+                      factor=levels[0] if levels else 1, max_downsample=coarsest, dit_kv_cache=o["dit_kv_cache"],
+                      signal_before_merge=o["signal_before_merge"])
     hooks.install_run_lifecycle(m, uid, "cat", o["start_percent"], o["end_percent"], o["seed"], summary,
                                 new_data=lambda state: hooks.CATRun())
     return m

@@ -133,11 +133,14 @@ def call_of(uid: str) -> CATCall | None:
 
 
 def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
-                     token_factor: int, halvings: int) -> None:
+                     token_factor: int, halvings: int, signal_before_merge: bool = True) -> None:
     """The APPLY_MODEL wrapper of CAT patch ``uid`` (``state.data``: a :class:`CATRun`).
 
     ``token_factor``: latent pixels per token side on the selection's grid; ``halvings``: how many
-    coarser UNet levels also recompute a carried selection.
+    coarser UNet levels also recompute a carried selection. ``signal_before_merge``: the next
+    selection is made from the model's raw output (official), so an unselected token's change
+    still shows where the model moved it (UNet conv blocks run every token); False makes it from
+    the merged prediction, in which unselected tokens hold their previous value.
     """
     W = wrapper_kinds()
 
@@ -165,12 +168,12 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
             state.skip("an attn2 replace patch (IPAdapter style) is present, so cross-attention ran on all tokens")
         with CALL.entered(CATCall(uid, state, chunk, selection, grid.n, levels, keep_attn2)):
             out = executor(*args, **kwargs)
-        prev_out = g.previous.get(chunk)
+        raw, prev_out = out, g.previous.get(chunk)
         if selection is not None and prev_out is not None and prev_out.shape == out.shape:
             out = cat_core.merge_prediction(out, prev_out, selection, grid)
             state.count(grid, grid.n - selection.numel())
         g.previous[chunk] = out
-        _select_next(state, g, role, out, to.get("cond_or_uncond"), grid, halvings)
+        _select_next(state, g, role, raw if signal_before_merge else out, to.get("cond_or_uncond"), grid, halvings)
         return out
 
     add_wrapper(model, W.APPLY_MODEL, uid, apply_model_wrapper)
@@ -213,20 +216,23 @@ def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond
 
 
 def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
-                family: str, factor: int = 1, max_downsample: int | None = None) -> None:
+                family: str, factor: int = 1, max_downsample: int | None = None, *, dit_kv_cache: bool = True,
+                signal_before_merge: bool = True) -> None:
     """Install CAT for ``uid``: the step wrapper plus the block patches of ``family`` ("unet",
     "mmdit" or "flux"). ``factor``: the UNet level the selection is made on (its
     highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with
     it (default: that level only). ``policy_factory(grid)`` makes a fresh per-run selection
-    policy per token grid."""
+    policy per token grid. ``dit_kv_cache``, ``signal_before_merge``: the official behaviour;
+    False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`)."""
     from .cat_dit import install_cat_dit
     from .cat_unet import install_cat_unet
 
     token_factor = factor if family == "unet" else 2  # DiTs here patchify 2x2
     max_downsample = max(max_downsample or factor, factor) if family == "unet" else factor
     install_cat_step(model, uid, policy_factory, warmup_steps, token_factor,
-                     halvings=max_downsample.bit_length() - factor.bit_length())
+                     halvings=max_downsample.bit_length() - factor.bit_length(),
+                     signal_before_merge=signal_before_merge)
     if family == "unet":
         install_cat_unet(model, uid, max_downsample)
     else:
-        install_cat_dit(model, uid, family)
+        install_cat_dit(model, uid, family, kv_cache=dit_kv_cache)

@@ -10,9 +10,10 @@ What is measured, and how:
     counted where the matrix product happens: a torch function mode records every
     ``F.linear`` whose weight is one of those projections. The top attention
     level is found from the data: the blocks with the most tokens on a full step. DiTs:
-    forward pre-hooks on the blocks themselves (SD3 ``joint_blocks[i]``, Flux
-    ``double_blocks[i]``/``single_blocks[i]``), which the ``dit`` replace patch calls through
-    ``original_block`` with the tokens it really computes.
+    SD3: the rows through each joint block's image-stream Q/K/V projection, output projection and
+    first feed-forward layer (``F.linear`` calls, as above). Flux: forward pre-hooks on the blocks
+    themselves (``double_blocks[i]``/``single_blocks[i]``), which the ``dit`` replace patch calls
+    through ``original_block`` with the tokens it really computes.
   * Which call is which: a forward pre-hook on the diffusion model records
     ``transformer_options["sigmas"]``, ``cond_or_uncond`` and the batch; the step is the index
     of that sigma in the run's sigma schedule.
@@ -34,6 +35,7 @@ import comfy.supported_models
 
 from tiny_models import build, run_sampler, sample_sigmas, seeded_fill_, step_of
 from token_pruning_cache.nodes.cat_node import CATPruneCache, apply_cat
+from token_pruning_cache.pruning_core.geometry import TokenGrid
 
 SUMMARY = re.compile(r"^CAT: (\d+) pruned / (\d+) full of (\d+) steps on (\w+)")
 UNET_HW = (8, 8)
@@ -120,7 +122,11 @@ class CallLog:
                 projections[id(mod.attn1.to_k.weight)] = ("k1", name)
                 projections[id(mod.attn1.to_v.weight)] = ("v1", name)
             elif name.startswith("joint_blocks.") and name.count(".") == 1:
-                self._hook(mod, self._rows(name, "dit", lambda a, k: a[1].shape[1]))
+                # SD3's K/V-cache path: the image stream's Q/K/V projection, output projection and
+                # feed-forward are where the work is (the block itself sees every token)
+                xb = mod.x_block
+                for lin in (xb.attn.qkv, xb.attn.proj, xb.mlp.fc1):
+                    projections[id(lin.weight)] = ("dit", name)
             elif name.startswith("double_blocks.") and name.count(".") == 1:
                 self._hook(mod, self._rows(name, "dit", lambda a, k: k["img"].shape[1]))
             elif name.startswith("single_blocks.") and name.count(".") == 1:
@@ -282,7 +288,7 @@ def test_unet_pruned_steps_recompute_only_selected_tokens(models, sd15_top, batc
 def test_coarser_level_sizes_round_up():
     """A coarser level's token count identifies its block calls; odd sides round up, as the
     UNet's stride-2 convolutions do."""
-    from token_pruning_cache.pruning_core.geometry import TokenGrid, coarser_token_counts
+    from token_pruning_cache.pruning_core.geometry import coarser_token_counts
 
     assert coarser_token_counts(TokenGrid(5, 7), 2) == [3 * 4, 2 * 2]
     assert coarser_token_counts(TokenGrid(64, 64), 3) == [1024, 256, 64]
@@ -354,6 +360,82 @@ def test_dit_pruned_steps_recompute_only_selected_image_tokens(models, kind, bat
     assert kinds == ({"joint_blocks"} if kind == "sd3" else {"double_blocks", "single_blocks"})
     family = "mmdit" if kind == "sd3" else "flux"
     assert summaries(caplog) == [(2, 2, 4, family)]
+
+
+def test_sd3_selected_tokens_attend_to_every_image_tokens_keys(models, monkeypatch):
+    """The official K/V cache on SD3: on a pruned step the queries are the text tokens and the
+    selected image tokens, the keys and values every text and image token (fresh for the selected,
+    cached for the rest); a value at the end of that longer sequence reaches the image."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    base = models("sd3")
+    seen, poison = [], {"on": False}
+    real = mmdit.optimized_attention
+
+    def attention(q, k, v, *a, **kw):
+        seen.append((q.shape[1], k.shape[1]))
+        if poison["on"] and q.shape[1] != k.shape[1]:
+            v = v.clone()
+            v[:, -1] += 100.0  # the last image token's value: cached (unselected) unless it was selected
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(mmdit, "optimized_attention", attention)
+    n = (DIT_HW[0] // 2) * (DIT_HW[1] // 2)
+    s = floor_keep(0.3, n)
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0)
+    clean = run_sampler(m, latent_hw=DIT_HW, batch=1, steps=4, cfg=1.0)
+    txt = {k - n for q, k in seen}
+    assert len(txt) == 1
+    (txt,) = txt
+    pruned = [(q, k) for q, k in seen if q != k]
+    assert pruned and all(q == txt + s and k == txt + n for q, k in pruned), set(seen)
+    assert len(pruned) == 2 * len(base.model.diffusion_model.joint_blocks)  # steps 2 and 3
+    poison["on"] = True
+    poisoned = run_sampler(m, latent_hw=DIT_HW, batch=1, steps=4, cfg=1.0)
+    assert not torch.equal(clean, poisoned), "the selected tokens did not see the other tokens' values"
+
+
+def test_sd3_residual_shortcut_stays_available_for_comparison(models, monkeypatch):
+    """``dit_kv_cache=False``: the pack's earlier way, the block on the selected tokens only."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    base = models("sd3")
+    seen = []
+    real = mmdit.optimized_attention
+    monkeypatch.setattr(mmdit, "optimized_attention", lambda q, k, v, *a, **kw: (seen.append((q.shape[1], k.shape[1])),
+                                                                                   real(q, k, v, *a, **kw))[1])
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, dit_kv_cache=False)
+    run_sampler(m, latent_hw=DIT_HW, batch=1, steps=4, cfg=1.0)
+    assert all(q == k for q, k in seen) and len({q for q, _ in seen}) == 2  # full and pruned lengths
+
+
+@pytest.mark.parametrize("before_merge", [True, False], ids=["raw", "merged"])
+def test_the_change_signal_of_unrecomputed_tokens_follows_the_raw_output(models, monkeypatch, before_merge):
+    """Official: the next selection is made from the model's raw output, so the change of a token
+    that was not recomputed (its prediction is replaced by the previous one) still moves where
+    the model moved it: UNet conv blocks run every token. With ``signal_before_merge=False``
+    the signal is the merged prediction the sampler gets."""
+    from token_pruning_cache.pruning_core.cat import CATState, prediction_tokens
+
+    base = models("sd15")
+    seen = []
+    real = CATState.next_selection
+
+    def next_selection(self, pred, row=0):
+        seen.append((pred.clone(), self.selection.clone()))
+        return real(self, pred, row)
+
+    monkeypatch.setattr(CATState, "next_selection", next_selection)
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, signal_before_merge=before_merge)
+    log = CallLog(base)
+    run_sampler(log.wrap(m), latent_hw=UNET_HW, batch=1, steps=5, cfg=1.0)
+    assert len(seen) == 3  # steps 2, 3, 4 are pruned and make the next selection
+    grid = TokenGrid(*UNET_HW)
+    for (pred, selection), merged in zip(seen, log.outputs[2:]):
+        given = prediction_tokens(merged, grid)
+        rest = torch.ones(grid.n, dtype=torch.bool).index_fill_(0, selection, False)
+        assert torch.equal(pred[:, selection], given[:, selection])
+        assert torch.equal(pred[:, rest], given[:, rest]) != before_merge
 
 
 # --------------------------------------------------------------------------------------

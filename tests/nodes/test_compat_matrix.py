@@ -592,11 +592,12 @@ def test_two_of_ours_chained(method, second, logs, compat):
         for alone in {method, other}:
             single = sample(patch(alone, base))
             if method == other == "cat":
-                # ... except CAT twice with the same settings: the second instance selects the same
-                # tokens from the same predictions, so the pair is one CAT, bit for bit, and does
-                # exactly its work (measured: the same self-attention rows skipped)
-                assert torch.equal(out, single)
+                # ... except CAT twice with the same settings: inside the model the inner instance's
+                # call context shadows the outer's, so the blocks do exactly one CAT's work
+                # (measured: the same self-attention rows skipped); the outer instance selects from
+                # the inner one's merged prediction, so its image is close to one CAT's, not equal
                 assert chain_run.row_deficit() == _RUNS[-1].row_deficit() > 0
+                assert float((out - single).abs().max()) <= 0.05 * float(single.abs().max())
             else:
                 assert not torch.equal(out, single), f"the chain gives the image of {alone} alone: one node did nothing"
 

@@ -62,6 +62,12 @@ PARAMS = Params(
     *window_and_seed("Caching and pruning start at this point of the denoising schedule.",
                      "Caching and pruning stop after this point of the denoising schedule.",
                      "Seed of the base-token noise."),
+    Param("similarity_search", "combo", "local", "Where a pruned token looks for the token it copies. local = the "
+          "3x3 surrounding windows (fast); global = everywhere, as the official code.", options=("local", "global")),
+    Param("recovery", "combo", "base", "Whose self-attention output a pruned token copies. base = its most "
+          "similar base token (the paper's figure); kept = its most similar kept token (the official code); merge "
+          "= base, each base token computed as the mean of itself and its copies (ToMe's averaging).",
+          options=("base", "kept", "merge")),
     Param("sx", "int", 2, "Window width in tokens (one base token per window).", 1, 8, widget=False),
     Param("sy", "int", 2, "Window height in tokens (one base token per window).", 1, 8, widget=False),
 )
@@ -84,7 +90,8 @@ def schedule_maker(schedule=DEFAULT_PRESET, custom_schedule=""):
 
 def _config(o: dict) -> DaToConfig:
     return DaToConfig(prune_ratio=o["prune_ratio"], sx=o["sx"], sy=o["sy"], dynamics_weight=o["dynamics_weight"],
-                      noise_alpha=o["noise_alpha"], align_cfg=o["align_cfg"], sign_flip=o["sign_flip"])
+                      noise_alpha=o["noise_alpha"], align_cfg=o["align_cfg"], sign_flip=o["sign_flip"],
+                      search=o["similarity_search"], recovery=o["recovery"])
 
 
 def dato_problem(o: dict) -> str | None:

@@ -24,7 +24,7 @@ import torch
 from .geometry import TokenGrid, resize_token_map
 from .recovery import PrunePlan
 from .selection import normalized, pruned_count, random_base_tokens, select_base_tokens, validate_prune_ratio
-from .sito import plan_for_base
+from .sito import recovery_plan, recovery_problem
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ class DaToConfig:
     align_cfg: bool = False  # cond rows use the uncond rows' base tokens
     sign_flip: bool = False  # official random sign of γ per block call
     search: str = "local"  # base-token neighbourhood searched for stand-ins (see sito.plan_for_base)
+    recovery: str = "base"  # whose output a pruned token copies (see sito.recovery_plan; official: "kept")
 
     def problem(self) -> str | None:
-        return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
+        return recovery_problem(self.search, self.recovery) or validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
 
 
 def dynamics_map(eps: torch.Tensor, prev_eps: torch.Tensor) -> torch.Tensor:
@@ -88,4 +89,4 @@ def dato_plan(x: torch.Tensor, grid: TokenGrid, cfg: DaToConfig, dynamics: torch
         base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
     if cfg.align_cfg:
         base = align_rows(base, cond_or_uncond)
-    return plan_for_base(normalized(x), base, grid, cfg.sy, cfg.sx, k, cfg.search)
+    return recovery_plan(normalized(x), base, grid, cfg.sy, cfg.sx, k, cfg.search, cfg.recovery)

@@ -50,11 +50,15 @@ class SiToConfig:
 
     def problem(self) -> str | None:
         """A user-facing reason this configuration cannot run, or None."""
-        if self.search not in SEARCHES:
-            return f"similarity search {self.search!r} must be one of {', '.join(SEARCHES)}"
-        if self.recovery not in RECOVERIES:
-            return f"recovery {self.recovery!r} must be one of {', '.join(RECOVERIES)}"
-        return validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
+        return recovery_problem(self.search, self.recovery) or validate_prune_ratio(self.prune_ratio, self.sx, self.sy)
+
+
+def recovery_problem(search: str, recovery: str) -> str | None:
+    if search not in SEARCHES:
+        return f"similarity search {search!r} must be one of {', '.join(SEARCHES)}"
+    if recovery not in RECOVERIES:
+        return f"recovery {recovery!r} must be one of {', '.join(RECOVERIES)}"
+    return None
 
 
 def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
@@ -73,10 +77,16 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
                             device=generator.device if generator is not None else score.device)
         score = score + cfg.noise_alpha * noise.to(score.device)
     base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
-    plan = plan_for_base(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search)
-    if cfg.recovery == "kept":
-        plan = stand_ins_from_kept(xn, plan, grid, cfg.sy, cfg.sx, cfg.search)
-    plan.merge = cfg.recovery == "merge"
+    return recovery_plan(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search, cfg.recovery)
+
+
+def recovery_plan(xn, base, grid: TokenGrid, sy: int, sx: int, k: int, search: str, recovery: str) -> PrunePlan:
+    """The plan for chosen base tokens (SiTo's and DaTo's shared second half): the ``k`` pruned
+    tokens most similar to a base token, and whose output each copies (``recovery``)."""
+    plan = plan_for_base(xn, base, grid, sy, sx, k, search)
+    if recovery == "kept":
+        plan = stand_ins_from_kept(xn, plan, grid, sy, sx, search)
+    plan.merge = recovery == "merge"
     return plan
 
 

@@ -6,8 +6,9 @@
 - An OUTER_SAMPLE wrapper creates a fresh :class:`RunState` for each sampling run, puts it in
   this run's ``transformer_options[RUN_KEY][uid]`` and drops it afterwards: a hires pass, a
   second queue or an interrupted run never sees a previous run's tensors.
-- The sampler's per-step callback counts finished steps (Heun-type samplers call the model
-  twice per step and stay aligned to steps), and a CALC_COND_BATCH wrapper decides once per
+- The sampler's per-step callback counts finished steps, not model calls. Heun-type samplers
+  call the model twice per step and ComfyUI's callback fires between the two calls, so the
+  second call of step i (at sigma i+1) belongs to step i+1. And a CALC_COND_BATCH wrapper decides once per
   step whether the patch is inside ``start_percent``/``end_percent`` (one host sync per step,
   none per block call).
 - What a run decided (token maps, step kinds) is kept in a small bounded store of

@@ -629,6 +629,39 @@ def test_each_dynamics_option_changes_the_base_tokens_and_the_image(micro15, mon
     assert not torch.equal(out, ref_out), f"{opts}: same image as the default"
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("opts", [dict(recovery="kept"), dict(recovery="merge"), dict(similarity_search="global")],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_recovery_options_change_what_pruned_tokens_copy(micro15, monkeypatch, opts):
+    """DaTo's recovery settings (as on SiTo): the same pruned-token counts as the default and, on
+    the first block call (no dynamics yet, the same seeded base tokens), other stand-ins (or ToMe
+    averaging); another image."""
+    import token_pruning_cache.nodes.dato_node as node
+    from token_pruning_cache.pruning_core.dato import dato_plan as real
+
+    def run(**kw):
+        plans = []
+
+        def spy(*args, **kwargs):
+            plan = real(*args, **kwargs)
+            plans.append(plan)
+            return plan
+        monkeypatch.setattr(node, "dato_plan", spy)
+        m = apply_dato(micro15, prune_ratio=0.4, schedule="pruning_only", **kw)
+        return run_sampler(m, latent_hw=HW, batch=1, steps=3, cfg=7.5), [p for p in plans if p is not None]
+
+    ref_out, ref_plans = run()
+    out, plans = run(**opts)
+    assert len(plans) == len(ref_plans) > 0
+    assert all(a.n_pruned == b.n_pruned for a, b in zip(plans, ref_plans))
+    assert torch.equal(plans[0].base, ref_plans[0].base)
+    if opts.get("recovery") == "merge":
+        assert all(p.merge for p in plans) and not any(p.merge for p in ref_plans)
+    else:
+        assert not torch.equal(plans[0].source, ref_plans[0].source)
+    assert not torch.equal(out, ref_out)
+
+
 def test_sd2_v_prediction_prunes_and_caches():
     """The README lists SD2.x: on the SD2-v layout (linear proj_in, 64-channel heads,
     v-prediction) DaTo shortens the top level's self-attention, skips ResBlocks on shallow and

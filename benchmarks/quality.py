@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench  # noqa: E402  (variant syntax, patching, bootstrap)
+import pack  # noqa: E402  (bootstrap, the pack's internals)
+import variants as bench_variants  # noqa: E402  (bench.py's variant syntax and patching)
+from measure import UNetCalls  # noqa: E402
 
 REF_DIR = ROOT / "models" / "reference"
 
@@ -195,17 +197,17 @@ def parse_quality_variant(spec: str):
     """bench.py's variants, plus CAT's warm-up as a modifier: cat-w4@0.3."""
     name, _, ratio = spec.partition("@")
     if name.startswith("cat-w"):
-        v = bench.parse_variant("cat@" + ratio)
+        v = bench_variants.parse_variant("cat@" + ratio)
         v.spec, v.warmup = spec, int(name[len("cat-w"):])
         return v
-    return bench.parse_variant(spec)
+    return bench_variants.parse_variant(spec)
 
 
 def patch(base, v, seed: int):
     if v.method == "cat" and getattr(v, "warmup", None) is not None:
-        from token_pruning_cache.nodes.cat_node import apply_cat
-        return apply_cat(base, keep_ratio=v.ratio, warmup_steps=v.warmup, max_downsample=v.max_downsample, seed=seed)
-    return bench.patch(base, v, seed)
+        return pack.apply_cat(base, keep_ratio=v.ratio, warmup_steps=v.warmup, max_downsample=v.max_downsample,
+                              seed=seed)
+    return bench_variants.patch(base, v, seed)
 
 
 class BlockCalls:
@@ -257,7 +259,7 @@ def bootstrap(args) -> None:
             sys.argv = saved
             comfy.options.enable_args_parsing(False)
         import comfy.model_management  # noqa: F401
-    bench.bootstrap(args.comfyui)
+    pack.bootstrap(args.comfyui)
 
 
 def report_from(args: argparse.Namespace) -> dict:
@@ -305,7 +307,7 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))
     import logging
-    logging.getLogger(bench.PACK_ALIAS).setLevel(logging.WARNING)
+    logging.getLogger(pack.PACK_ALIAS).setLevel(logging.WARNING)
 
     ref = Reference(args.ref_dir)
     labels, noise = ref.batch(args.seeds)
@@ -315,7 +317,7 @@ def run(args: argparse.Namespace) -> dict:
     cache = args.out / "cache" / f"unpatched-{key}.pt"
     dm = ref.patcher.model.diffusion_model
 
-    calls, blocks = bench.UNetCalls(dm), BlockCalls(dm)
+    calls, blocks = UNetCalls(dm), BlockCalls(dm)
 
     def counted(model) -> dict:
         calls.reset()

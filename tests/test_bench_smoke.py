@@ -201,10 +201,34 @@ def test_bench_readme_variants_run(tmp_path):
         assert 0.0 < r["rel_error"] < 1.5, (name, r["rel_error"])
 
 
-def test_bench_profile_runs(tmp_path):
-    """--profile (the 'where the time goes' figures of docs/benchmarks.md) on the tiny UNet."""
-    cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--profile", "sito@0.5", "--out",
-           str(tmp_path / "profile.json")]
+# --profile labels the pack's and ToMe's selection and gather/scatter by wrapping public names
+# (pruning_core.sito.sito_plan, PrunePlan.prune/recover, CATState's selections, cat.merge_prediction,
+# comfy_extras.nodes_tomesd.get_functions, mmdit.optimized_attention). A renamed name makes the
+# profile fail; a call that stops going through the name drops its label, which these catch.
+TINY_UNET = ("--tiny", "--size", "64")
+TINY_MMDIT = ("--family", "mmdit", "--tiny", "--size", "128")
+PROFILE_LABELS = {
+    "sito@0.5": (TINY_UNET, ("select: sito_plan", "gather: PrunePlan.prune", "gather: PrunePlan.recover",
+                             "attn1 module [32 tokens]")),  # half of the 64 tokens pruned
+    "tome@0.5": (TINY_UNET, ("select: tome matching", "gather: tome merge", "gather: tome unmerge")),
+    "cat@0.3": (TINY_MMDIT, ("select: CAT next_selection", "gather: CAT merge_prediction", "attention core [")),
+}
+
+
+@pytest.mark.parametrize("variant", list(PROFILE_LABELS))
+def test_bench_profile_runs(tmp_path, variant):
+    """--profile (the 'where the time goes' figures of docs/benchmarks.md) on the tiny UNet / MMDiT: the
+    variant's selection and gather/scatter regions are labelled, and none of them in the unpatched call."""
+    model, labels = PROFILE_LABELS[variant]
+    cmd = [sys.executable, str(BENCH), *model, "--profile", variant, "--out", str(tmp_path / "profile.json")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "sito@0.5" in proc.stdout + proc.stderr
+    assert variant in proc.stdout + proc.stderr
+    prof = json.loads((tmp_path / f"profile_{variant.replace('@', '_')}.json").read_text())
+    assert list(prof) == ["unpatched", variant]
+    regions = prof[variant]["regions_ms"]
+    assert "model call (1 CFG step)" in regions and prof[variant]["model_calls"] == 1
+    for label in labels:
+        assert any(k.startswith(label) for k in regions), (label, sorted(regions))
+        assert label in proc.stdout, label
+    assert not any(k.startswith(("select:", "gather:", "dit block")) for k in prof["unpatched"]["regions_ms"])

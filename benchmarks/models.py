@@ -1,0 +1,274 @@
+"""The benchmarked model and its inputs.
+
+``build_model`` gives a real checkpoint (``load_checkpoint``) or a random-weight model built
+with ComfyUI's own classes: the SD1.5 UNet (``build_random_sd15``) or an SD3-medium-shaped
+MMDiT (``build_random_mmdit``); ``model_family`` says which kind the pack sees in it.
+``make_testbed`` adds what every variant shares, the latent, noise and random text conds
+(``make_inputs``) and the sampler settings, as a ``Testbed`` that samples a model.
+``diffusion_model_wrappers_run`` probes whether a model's forward runs ComfyUI's
+DIFFUSION_MODEL wrappers (which EasyCache needs); ``comfyui_version`` says which ComfyUI it is.
+
+Everything of ComfyUI, torch and the pack is imported inside the functions, after
+``pack.bootstrap()``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import pack
+
+# The standard SD1.5 UNet (comfy/model_detection.py, ``SD15`` of unet_config_from_diffusers_unet).
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+# SD3 medium as comfy.model_detection.detect_unet_config reads it from the released
+# sd3_medium checkpoint: ComfyUI's MMDiT ties the width to ``depth`` (hidden = 64 * depth, one
+# 64-wide head per unit), so depth 24 = hidden 1536 / 24 heads; 24 joint blocks (the last one's
+# text stream "pre_only"); patch 2 on the 16-channel SD3 latent; CLIP-L+G pooled 2048 into
+# y_embedder; CLIP+T5 context of width 4096 into context_embedder; a 192x192-patch pos_embed
+# table; no q/k norm and no extra x-block self-attention (those are SD3.5). ``num_blocks`` (the
+# number of joint blocks) is set from --dit-depth.
+SD3_MEDIUM_CONFIG = {
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 24, "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+    "num_patches": 192 * 192, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+SD3_MEDIUM_BLOCKS = 24
+SD3_TEXT_TOKENS = 154  # 77 CLIP-L/G + 77 T5 tokens, as ComfyUI's SD3 text encoder pads them
+TINY_MMDIT_WIDTH_UNITS = 4  # --tiny --family mmdit: hidden 256 = 4 heads x 64
+
+
+def _fill_random_(module, seed: int) -> None:
+    """Seeded, deterministic weights with fan-in scaling so activations stay O(1).
+
+    Matrices/convs ~ N(0, 1/fan_in), norm scales 1 and shifts 0, other vectors (biases) ~ N(0, 0.02^2).
+    Every tensor draws from its own generator seeded with (seed, its index), so the result
+    does not depend on the order the worker threads run in (two threads halve the ~860 M draws).
+    """
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = []
+    for mod_name, mod in module.named_modules():
+        is_norm = isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for t_name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is not None and t.is_floating_point():
+                jobs.append((len(jobs), is_norm, t_name, t))
+
+    def fill(job):
+        i, is_norm, t_name, t = job
+        with torch.no_grad():
+            if is_norm:
+                t.fill_(1.0 if t_name == "weight" else 0.0)
+                return
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + i)
+            if t.ndim >= 2:
+                t.copy_(torch.randn(t.shape, generator=gen).mul_(1.0 / math.sqrt(t[0].numel())))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen).mul_(0.02))
+
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, sorted(jobs, key=lambda j: -j[3].numel())))
+
+
+def build_random_sd15(seed: int, tiny: bool = False):
+    """The real-size SD1.5 UNet from ComfyUI's own classes, fp32, seeded random weights.
+
+    ``tiny``: the same family shrunk for smoke tests (two levels, one res block each; real
+    widths, heads and context), about 1/10 of the parameters.
+    """
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = dict(SD15_UNET_CONFIG)
+    if tiny:
+        cfg.update(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+                   transformer_depth_output=[1, 1, 1, 1])
+    mc = comfy.supported_models.SD15(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    _fill_random_(model.diffusion_model, seed)
+    dev = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+    info = {"source": "random", "family": "SD15" + ("-tiny" if tiny else ""), "seed": seed}
+    return patcher, info
+
+
+def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False):
+    """An SD3-medium-shaped MMDiT from ComfyUI's own classes, fp32, seeded random weights.
+
+    ``comfy.supported_models.SD3`` -> ``comfy.model_base.SD3`` (flow matching, shift 3) ->
+    ``OpenAISignatureMMDITWrapper``, as ComfyUI builds it from a real SD3 checkpoint: every joint
+    block has the real SD3-medium shape (hidden 1536 = 24 heads x 64, MLP 4x, both streams), the
+    patch embedding, pos_embed table, pooled/context embedders and final layer are the real ones;
+    only the number of joint blocks is ``blocks`` instead of 24 (the last one text-"pre_only", as in
+    the real model). ``tiny``: hidden 256 (4 heads) for smoke tests.
+
+    Weights: ``make_checkpoint.seeded_fill_``, the initialisation of tests/tiny_models.py
+    (variance-preserving matrices, extra gain on the q/k rows so attention is peaked, and the
+    fixed sin/cos pos_embed table of ComfyUI's own generator).
+    """
+    import copy
+
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from make_checkpoint import seeded_fill_  # scripts/ is on sys.path after bootstrap()
+
+    cfg = copy.deepcopy(SD3_MEDIUM_CONFIG)
+    if tiny:
+        cfg["depth"] = TINY_MMDIT_WIDTH_UNITS
+        cfg["context_embedder_config"]["params"]["out_features"] = 64 * TINY_MMDIT_WIDTH_UNITS
+    cfg["num_blocks"] = blocks
+    mc = comfy.supported_models.SD3(cfg)
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    seeded_fill_(model.diffusion_model, seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+    dm = model.diffusion_model
+    info = {
+        "source": "random", "family": "SD3-MMDiT" + ("-tiny" if tiny else ""), "seed": seed, "arch": "mmdit",
+        "shape": "tiny (hidden 256)" if tiny else "SD3 medium per-block shape",
+        "joint_blocks": len(dm.joint_blocks), "real_joint_blocks": SD3_MEDIUM_BLOCKS,
+        "hidden_size": dm.hidden_size, "heads": dm.num_heads, "head_dim": dm.hidden_size // dm.num_heads,
+        "patch_size": cfg["patch_size"], "latent_channels": cfg["in_channels"],
+        "context": [SD3_TEXT_TOKENS, cfg["context_embedder_config"]["params"]["in_features"]],
+        "pooled": cfg["adm_in_channels"], "pos_embed_max_size": cfg["pos_embed_max_size"],
+        "init": "make_checkpoint.seeded_fill_",
+    }
+    return patcher, info
+
+
+def build_model(args):
+    """The benchmarked model: a checkpoint, or the random-weight model of ``--family``."""
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint)
+    if args.family == "mmdit":
+        return build_random_mmdit(args.seed, blocks=args.dit_depth, tiny=args.tiny)
+    return build_random_sd15(args.seed, tiny=args.tiny)
+
+
+def model_family(patcher) -> str:
+    """"unet", "mmdit" or "flux" (the pack's hooks decide, as the nodes do)."""
+    if pack.attention_levels(patcher):
+        return "unet"
+    return pack.dit_family(patcher) or "unknown"
+
+
+def load_checkpoint(path: str):
+    import comfy.sd
+    out = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False, output_clipvision=False,
+                                                embedding_directory=None)
+    patcher = out[0]
+    if patcher is None:
+        raise SystemExit(f"{path}: no diffusion model found in this checkpoint")
+    return patcher, {"source": "checkpoint", "path": str(path),
+                     "family": type(patcher.model.model_config).__name__}
+
+
+def make_inputs(patcher, width: int, height: int, seed: int):
+    """Latent, noise and random text conds of the right shape for this model (same for every variant)."""
+    import torch
+    import comfy.sample
+    import comfy.model_base
+    unet_cfg = patcher.model.model_config.unet_config
+    ctx_dim = unet_cfg.get("context_dim") or 768
+    tokens, pooled = 77, None
+    if isinstance(patcher.model, comfy.model_base.SD3):
+        # SD3: CLIP-L+G (padded to 4096) and T5 tokens concatenated, 77 + 77; pooled CLIP-L+G 2048 -> y
+        ctx_dim = unet_cfg["context_embedder_config"]["params"]["in_features"]
+        tokens, pooled = SD3_TEXT_TOKENS, unet_cfg.get("adm_in_channels") or 2048
+    elif unet_cfg.get("adm_in_channels"):  # SDXL-type: pooled text embedding for the ADM vector
+        pooled = 1280
+    channels = patcher.model.latent_format.latent_channels
+    latent = torch.zeros(1, channels, height // 8, width // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    if pooled:
+        extra = lambda: {"pooled_output": torch.randn(1, pooled, generator=g)}  # noqa: E731
+    else:
+        extra = lambda: {}  # noqa: E731
+    pos = [[torch.randn(1, tokens, ctx_dim, generator=g), extra()]]
+    neg = [[torch.randn(1, tokens, ctx_dim, generator=g), extra()]]
+    return latent, noise, pos, neg
+
+
+@dataclass
+class Testbed:
+    """The model and what every variant's run shares: inputs, sampler settings (``args``) and seed."""
+
+    args: object  # the parsed command line: cfg, sampler, scheduler, seed, steps, ...
+    base: object  # the unpatched ModelPatcher
+    info: dict  # what the JSON's "model" says of it
+    latent: object
+    noise: object
+    pos: list
+    neg: list
+
+    def sample(self, model, steps: int):
+        """One run of ComfyUI's real sampler (CFG) on ``model``: its output as the sampler returns it."""
+        import comfy.sample
+        a = self.args
+        return comfy.sample.sample(model, self.noise, steps, a.cfg, a.sampler, a.scheduler, self.pos, self.neg,
+                                   self.latent, seed=a.seed, disable_pbar=True)
+
+    def final_latent(self, model, steps: int):
+        """``sample``'s output, detached, as a float32 CPU tensor (what the errors compare)."""
+        import torch
+        return self.sample(model, steps).detach().to("cpu", torch.float32)
+
+
+def make_testbed(args, base, info: dict) -> Testbed:
+    """``base`` with the inputs of ``args``' size and seed."""
+    latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed)
+    return Testbed(args, base, info, latent, noise, pos, neg)
+
+
+def diffusion_model_wrappers_run(base, pos, neg) -> bool:
+    """Does this model's forward call ComfyUI's DIFFUSION_MODEL wrappers (which EasyCache needs)?
+
+    Not every model class does: in ComfyUI 0.3.75 the UNet, Flux and most video DiTs run them, the
+    SD3 MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) does not - there EasyCache installs
+    without error and never skips a step. One model call on an 8x8 latent with a probe wrapper.
+    """
+    import torch
+    import comfy.patcher_extension
+    import comfy.sample
+
+    hits = []
+
+    def probe(executor, *args, **kwargs):
+        hits.append(1)
+        return executor(*args, **kwargs)
+
+    m = base.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench.probe", probe)
+    latent = torch.zeros(1, base.model.latent_format.latent_channels, 8, 8)
+    comfy.sample.sample(m, torch.zeros_like(latent), 1, 1.0, "euler", "normal", pos, neg, latent, seed=0,
+                        disable_pbar=True)
+    return bool(hits)
+
+
+def comfyui_version() -> str | None:
+    """ComfyUI's version string (None where its tree has no comfyui_version.py)."""
+    try:
+        import comfyui_version as version
+        return version.__version__
+    except ImportError:
+        return None

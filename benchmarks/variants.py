@@ -1,0 +1,243 @@
+"""Benchmark variants: their syntax, which model family each runs on, and how each patches the model.
+
+A variant is ``method[-modifier...][@ratio]`` (the list is in bench.py's docstring and
+benchmarks/README.md). ``parse_variant`` reads one into a ``Variant``; ``family_problem`` says
+why some cannot run on a DiT; ``patch`` applies one to a model the way its node does
+(``apply_random``: the pack's block-pruning hooks with a random planner, no node of its own).
+``options`` is what the JSON records of a variant's settings, ``schedule_ideal`` the ideal
+speedup of a DaTo/DeepCache schedule, and the ``cat_*`` functions CAT's step roles as the pack
+defines them (which steps of a run are full model calls).
+
+Pack internals come through ``pack`` (see pack.py), ComfyUI's nodes through their own imports;
+both only inside functions, after ``pack.bootstrap()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pack
+
+# Which variants can run on which model family. SiTo, DaTo/DeepCache, ToMe and random pruning
+# hook the UNet's SpatialTransformer blocks (attn1/attn2/ff patches); an MMDiT never calls them.
+UNET_ONLY_METHODS = {
+    "tome": "ComfyUI's ToMe node patches the UNet's attn1",
+    "sito": "SiTo patches the UNet's SpatialTransformer self-attention",
+    "random": "random pruning goes through SiTo's UNet block patches",
+    "dato": "DaTo's step cache and pruning patch the UNet's blocks",
+    "deepcache": "DeepCache (DaTo node) caches the UNet's skip-connected blocks",
+}
+DIT_METHODS = ("unpatched", "cat", "lazycache", "easycache")
+
+
+def family_problem(variants, family: str) -> str | None:
+    """Why some of ``variants`` cannot run on a model of ``family`` ("unet", "mmdit", "flux"), or None."""
+    if family == "unet":
+        return None
+    bad = [v for v in variants if v.method not in DIT_METHODS]
+    if not bad:
+        return None
+    why = "; ".join(f"{v.spec}: {UNET_ONLY_METHODS.get(v.method, 'not a DiT method')}" for v in bad)
+    return (f"UNet-only variant(s) asked for on the {family} (a DiT): {why}. On a DiT the benchmark runs "
+            f"unpatched, cat@R (CAT Pruning), lazycache@T and easycache@T (ComfyUI core caches).")
+
+
+@dataclass
+class Variant:
+    spec: str
+    method: str  # unpatched | tome | sito | random
+    ratio: float = 0.0
+    qonly: bool = False
+    max_downsample: str = "auto"
+    xattn: bool = False
+    mlp: bool = False
+    search: str | None = None  # SiTo similarity_search ("local" | "global"); None = the node's default
+    recovery: str | None = None  # SiTo recovery ("base" | "kept" | "merge"); None = the node's default
+    preset: str | None = None  # DaTo schedule preset (dato / deepcache variants); "custom" = schedule
+    schedule: str | None = None  # dato-custom: the custom_schedule text (--dato-schedule)
+
+
+# Caching variants (issues 3 and 4): method -> how the ratio is read
+CACHE_METHODS = {
+    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or custom",
+    "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
+    "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds1/ds2/ds4/ds8 = max_downsample (default 8: all levels)",
+    "easycache": "reuse_threshold of ComfyUI's EasyCache node",
+    "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
+}
+
+
+def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
+    """``dato_schedule``: the schedule text of a ``dato-custom`` variant (``--dato-schedule``)."""
+    spec = spec.strip()
+    name, _, ratio = spec.partition("@")
+    method, *mods = name.split("-")
+    if method == "unpatched":
+        if ratio or mods:
+            raise ValueError(f"variant {spec!r}: unpatched takes no ratio or modifiers")
+        return Variant(spec, method)
+    if method in CACHE_METHODS:
+        if not ratio:
+            raise ValueError(f"variant {spec!r}: needs a ratio ({CACHE_METHODS[method]})")
+        v = Variant(spec, method, ratio=float(ratio))
+        if method == "dato":
+            if mods == ["custom"]:
+                if not (dato_schedule or "").strip():
+                    raise ValueError(f"variant {spec!r} needs --dato-schedule")
+                v.preset, v.schedule = "custom", dato_schedule
+            else:
+                v.preset = "dato_" + ("_".join(mods) if mods else "official")
+        elif method == "deepcache":
+            v.preset = "deepcache_" + (mods[0] if mods else "5")
+        elif method == "cat":
+            if mods and (len(mods) != 1 or mods[0] not in ("ds1", "ds2", "ds4", "ds8")):
+                raise ValueError(f"variant {spec!r}: cat takes one modifier, ds1/ds2/ds4/ds8")
+            v.max_downsample = mods[0][2:] if mods else "8"  # the node's default: every attention level
+        return v
+    if method not in ("tome", "sito", "random"):
+        raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "
+                         f"{', '.join(CACHE_METHODS)})")
+    if not ratio:
+        raise ValueError(f"variant {spec!r}: needs a ratio, e.g. {method}@0.5")
+    v = Variant(spec, method, ratio=float(ratio))
+    for mod in mods:
+        if method == "tome":
+            raise ValueError(f"variant {spec!r}: ComfyUI's ToMe node has no modifiers")
+        if mod == "qonly":
+            v.qonly = True
+        elif mod in ("ds1", "ds2", "ds4"):
+            v.max_downsample = mod[2:]
+        elif mod == "xattn":
+            v.xattn = True
+        elif mod == "mlp":
+            v.mlp = True
+        elif mod in ("local", "global") and method == "sito":
+            v.search = mod
+        elif mod in ("base", "kept", "merge") and method == "sito":
+            v.recovery = mod
+        else:
+            raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
+                             f"sito also local, global, base, kept, merge)")
+    return v
+
+
+def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: bool, mlp: bool, seed: int,
+                 sx: int = 2, sy: int = 2):
+    """Random pruning, installed exactly like ``apply_sito`` but with ``plan_random`` as planner."""
+    problem = pack.validate_prune_ratio(ratio, sx, sy)
+    if problem:
+        raise ValueError(f"random pruning: {problem}")
+    factor, warning = pack.resolve_max_downsample(model, str(max_downsample))
+    if factor is None:
+        raise ValueError(f"random pruning: {warning}")
+    m = model.clone()
+    uid = pack.new_uid("random")
+
+    def planner(n, grid, state):
+        k = pack.pruned_count(ratio, grid.n, grid.window_count(sy, sx))
+        if k == 0 or grid.window_count(sy, sx) == 0:
+            return None
+        return pack.plan_random(n.shape[0], grid, k, sy, sx, state.generator(n.device), n.device)
+
+    def summary(state):
+        return (f"random: r={ratio:g}, levels up to 1/{factor}: {state.summary_levels()}; "
+                f"active in {len(state.active_steps)}/{state.total_steps} steps")
+
+    pack.install_block_pruning(m, uid, pack.BlockPruning(self_attn=True, cross_attn=xattn, mlp=mlp,
+                                                         prune_kv=not qonly, max_downsample=factor),
+                               planner)
+    pack.install_run_lifecycle(m, uid, "random", 0.0, 1.0, seed, summary)
+    return m
+
+
+def patch(base, v: Variant, seed: int):
+    """``base`` with variant ``v`` applied (a patched clone; ``base`` itself for unpatched)."""
+    if v.method == "unpatched":
+        return base
+    if v.method == "tome":
+        from comfy_extras.nodes_tomesd import TomePatchModel
+        return TomePatchModel.execute(base, v.ratio).result[0]
+    if v.method == "sito":
+        extra = {"similarity_search": v.search} if v.search else {}
+        if v.recovery:
+            extra["recovery"] = v.recovery
+        return pack.apply_sito(base, prune_ratio=v.ratio, max_downsample=v.max_downsample, prune_self_attn=True,
+                               prune_cross_attn=v.xattn, prune_mlp=v.mlp, prune_kv=not v.qonly, seed=seed, **extra)
+    if v.method == "random":
+        return apply_random(base, v.ratio, v.max_downsample, v.qonly, v.xattn, v.mlp, seed)
+    if v.method in ("dato", "deepcache"):
+        if v.preset == "custom":
+            return pack.apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed)
+        return pack.apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed)
+    if v.method == "cat":
+        return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, seed=seed)
+    if v.method == "easycache":
+        from comfy_extras.nodes_easycache import EasyCacheNode
+        return EasyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
+                                     verbose=False).result[0]
+    if v.method == "lazycache":
+        from comfy_extras.nodes_easycache import LazyCacheNode
+        return LazyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
+                                     verbose=False).result[0]
+    raise ValueError(v.method)
+
+
+# What a DaTo/DeepCache shallow step costs against a full one, in the schedule's ideal speedup.
+SHALLOW_COST = 0.13
+
+
+def schedule_ideal(v: Variant, steps: int, shallow_cost: float = SHALLOW_COST) -> float | None:
+    """Ideal speedup of a DaTo/DeepCache schedule: T / (full + shallow_cost·shallow), reuse free."""
+    if v.method not in ("dato", "deepcache"):
+        return None
+    make, _ = pack.schedule_maker(v.preset, v.schedule or "")
+    return make(steps, 1).ideal_speedup(shallow_cost=shallow_cost)
+
+
+def parse_variants(text: str, dato_schedule: str | None = None) -> list[Variant]:
+    """A comma-separated variant list, with the unpatched model first and only once (the reference)."""
+    variants = [parse_variant(s, dato_schedule) for s in text.split(",") if s.strip()]
+    if not variants or variants[0].method != "unpatched":
+        return [parse_variant("unpatched")] + [v for v in variants if v.method != "unpatched"]
+    return [variants[0]] + [v for v in variants[1:] if v.method != "unpatched"]
+
+
+def options(v: Variant) -> dict:
+    """The variant's settings as the JSON records them (``options`` of its row)."""
+    if v.method in CACHE_METHODS:
+        return ({"preset": v.preset} if v.preset else {}) | ({"schedule": v.schedule} if v.schedule else {})
+    if v.method not in ("sito", "random"):
+        return {}
+    opts = {"prune_kv": not v.qonly, "max_downsample": v.max_downsample, "cross_attn": v.xattn, "mlp": v.mlp}
+    if v.search:
+        opts["similarity_search"] = v.search
+    if v.recovery:
+        opts["recovery"] = v.recovery
+    return opts
+
+
+# --------------------------------------------------------------------------------------
+# CAT's step roles, as the pack defines them: ``warmup_steps`` full steps, a reference step and
+# a clustering step (both full model calls too), then pruned steps.
+# --------------------------------------------------------------------------------------
+
+def cat_default_warmup() -> int:
+    """The warm-up of a ``cat@R`` variant: the CAT node's default ``warmup_steps`` (its parameter table)."""
+    return pack.CAT_PARAMS.defaults["warmup_steps"]
+
+
+def cat_full_steps(steps: int, warmup_steps: int | None = None) -> int:
+    """How many of a CAT run's ``steps`` are full model calls (default warm-up: ``cat_default_warmup()``)."""
+    if warmup_steps is None:
+        warmup_steps = cat_default_warmup()
+    return min(steps, pack.full_step_count(warmup_steps))
+
+
+def cat_probe_steps() -> int:
+    """Steps of a warmup-0 CAT run up to and including its first pruned one (reference, clustering, pruned)."""
+    return pack.full_step_count(0) + 1
+
+
+def cat_probe(base, v: Variant, seed: int):
+    """CAT variant ``v`` with warm-up 0, so that its first pruned step comes after ``cat_probe_steps() - 1``
+    full ones: the FLOPs pass and ``--profile`` measure that step."""
+    return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, warmup_steps=0, seed=seed)

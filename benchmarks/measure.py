@@ -270,7 +270,7 @@ def cat_ideal(bed: Testbed, v: Variant, res: Result, ref_flops: float) -> None:
     total = count_flops(bed, cat_probe(bed.base, v, bed.args.seed), probe_steps)
     pruned = max(total - cat_full_steps(probe_steps, 0) * ref_flops, 1.0)
     steps = bed.args.steps
-    full_steps = cat_full_steps(steps)
+    full_steps = cat_full_steps(steps, v.warmup)
     res.ideal = steps * ref_flops / (full_steps * ref_flops + (steps - full_steps) * pruned)
     res.pruned_flops = pruned
     res.options.update(full_steps=full_steps, pruned_steps=steps - full_steps)

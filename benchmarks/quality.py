@@ -194,19 +194,11 @@ def flops_of_run(patcher, ref: Reference, args) -> float:
 
 
 def parse_quality_variant(spec: str):
-    """bench.py's variants, plus CAT's warm-up as a modifier: cat-w4@0.3."""
-    name, _, ratio = spec.partition("@")
-    if name.startswith("cat-w"):
-        v = bench_variants.parse_variant("cat@" + ratio)
-        v.spec, v.warmup = spec, int(name[len("cat-w"):])
-        return v
+    """bench.py's variants (CAT's warm-up is its modifier wN: cat-w4@0.3)."""
     return bench_variants.parse_variant(spec)
 
 
 def patch(base, v, seed: int):
-    if v.method == "cat" and getattr(v, "warmup", None) is not None:
-        return pack.apply_cat(base, keep_ratio=v.ratio, warmup_steps=v.warmup, max_downsample=v.max_downsample,
-                              seed=seed)
     return bench_variants.patch(base, v, seed)
 
 

@@ -13,7 +13,7 @@ both only inside functions, after ``pack.bootstrap()``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pack
 
@@ -54,13 +54,17 @@ class Variant:
     recovery: str | None = None  # SiTo recovery ("base" | "kept" | "merge"); None = the node's default
     preset: str | None = None  # DaTo schedule preset (dato / deepcache variants); "custom" = schedule
     schedule: str | None = None  # dato-custom: the custom_schedule text (--dato-schedule)
+    warmup: int | None = None  # CAT warmup_steps (modifier wN); None = the node's default
+    cat_options: dict = field(default_factory=dict)  # CAT's apply-only options (modifiers residual, merged)
 
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
     "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or custom",
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
-    "cat": "keep_ratio of CATPruneCache (warmup 6); modifier ds1/ds2/ds4/ds8 = max_downsample (default 8: all levels)",
+    "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
+            "levels), wN = warmup_steps N, residual = SD3 blocks without the K/V cache (dit_kv_cache off), merged = "
+            "next selection from the merged prediction (signal_before_merge off)"),
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
     "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
 }
@@ -89,9 +93,19 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
         elif method == "cat":
-            if mods and (len(mods) != 1 or mods[0] not in ("ds1", "ds2", "ds4", "ds8")):
-                raise ValueError(f"variant {spec!r}: cat takes one modifier, ds1/ds2/ds4/ds8")
-            v.max_downsample = mods[0][2:] if mods else "8"  # the node's default: every attention level
+            v.max_downsample = "8"  # the node's default: every attention level
+            for mod in mods:
+                if mod in ("ds1", "ds2", "ds4", "ds8"):
+                    v.max_downsample = mod[2:]
+                elif mod[:1] == "w" and mod[1:].isdigit():
+                    v.warmup = int(mod[1:])
+                elif mod == "residual":
+                    v.cat_options["dit_kv_cache"] = False
+                elif mod == "merged":
+                    v.cat_options["signal_before_merge"] = False
+                else:
+                    raise ValueError(f"variant {spec!r}: unknown cat modifier {mod!r} (ds1/ds2/ds4/ds8, wN, "
+                                     f"residual, merged)")
         return v
     if method not in ("tome", "sito", "random"):
         raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "
@@ -169,7 +183,9 @@ def patch(base, v: Variant, seed: int):
             return pack.apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed)
         return pack.apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed)
     if v.method == "cat":
-        return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, seed=seed)
+        warmup = {} if v.warmup is None else {"warmup_steps": v.warmup}
+        return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, seed=seed, **warmup,
+                              **v.cat_options)
     if v.method == "easycache":
         from comfy_extras.nodes_easycache import EasyCacheNode
         return EasyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
@@ -240,4 +256,5 @@ def cat_probe_steps() -> int:
 def cat_probe(base, v: Variant, seed: int):
     """CAT variant ``v`` with warm-up 0, so that its first pruned step comes after ``cat_probe_steps() - 1``
     full ones: the FLOPs pass and ``--profile`` measure that step."""
-    return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, warmup_steps=0, seed=seed)
+    return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, warmup_steps=0, seed=seed,
+                          **v.cat_options)

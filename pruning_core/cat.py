@@ -381,18 +381,19 @@ class CATState:
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The selected tokens of every row: ``[B, N, C]`` → ``[B, S, C]``."""
-    return x.index_select(-2, idx)
+    """The selected tokens of every row: ``[B, N, ...]`` → ``[B, S, ...]`` (tokens on dim 1, as
+    in ``[B, N, C]`` activations and ``[B, N, heads, dim]`` values)."""
+    return x.index_select(1, idx)
 
 
 def merge_tokens(fresh_selected: torch.Tensor, cached_full: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Full ``[B, N, C]`` from the cache with the selected rows replaced by fresh values.
+    """Full ``[B, N, ...]`` from the cache with the selected tokens (dim 1) replaced by fresh values.
 
-    ``fresh_selected``: ``[B, S, C]`` values computed this step for tokens ``idx`` ``[S]``;
-    ``cached_full``: ``[B, N, C]`` last values of every token. Out of place (the cache is not
+    ``fresh_selected``: ``[B, S, ...]`` values computed this step for tokens ``idx`` ``[S]``;
+    ``cached_full``: ``[B, N, ...]`` last values of every token. Out of place (the cache is not
     modified); the result has the cache's dtype.
     """
-    return cached_full.index_copy(-2, idx, fresh_selected.to(cached_full.dtype))
+    return cached_full.index_copy(1, idx, fresh_selected.to(cached_full.dtype))
 
 
 def token_mask(selection: torch.Tensor, n_tokens: int) -> torch.Tensor:

@@ -80,29 +80,23 @@ def _install_joint_kv_cache(model, uid: str, index: int) -> None:
         pending.call = call
         cache, mlp_cache, sel = call.block_cache(attn_key), call.block_cache(mlp_key), call.selection
         if not (cache.ready(x, sel, ("to_k", "to_v", "out")) and mlp_cache.ready(x, sel, ("out",))):
-            q, k, v = pre_original(x)
-            cache.to_k, cache.to_v = k, v
-            return q, k, v
+            sel = None  # run every token and fill the caches
         pending.selection = sel
-        q, k, v = pre_original(x.index_select(1, sel))
+        q, k, v = pre_original(x if sel is None else cat_core.gather_tokens(x, sel))
         # keys/values of every image token: fresh for the selected, the cached ones for the rest
-        cache.to_k = cache.to_k.index_copy(1, sel, k.to(cache.to_k.dtype))
-        cache.to_v = cache.to_v.index_copy(1, sel, v.to(cache.to_v.dtype))
-        return q, cache.to_k, cache.to_v
+        return q, cache.merge("to_k", k, sel, x.shape[1]), cache.merge("to_v", v, sel, x.shape[1])
 
     def post_attention(attn):
         call, sel = pending.call, pending.selection
-        if call is None:
-            return post_original(attn)
         out = post_original(attn)
-        return call.block_cache(attn_key).merge("out", out, sel, call.n_tokens)
+        return out if call is None else call.block_cache(attn_key).merge("out", out, sel, call.n_tokens)
 
     def mlp(x):
         call, sel = pending.call, pending.selection
         pending.call = pending.selection = None
         if call is None or x.dim() != 3 or x.shape[1] != call.n_tokens:
             return mlp_original(x)
-        out = mlp_original(x if sel is None else x.index_select(1, sel))
+        out = mlp_original(x if sel is None else cat_core.gather_tokens(x, sel))
         return call.block_cache(mlp_key).merge("out", out, sel, call.n_tokens)
 
     register(model, "object", pre_attention, f"{path}.attn.pre_attention")

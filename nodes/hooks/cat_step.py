@@ -77,6 +77,12 @@ class BlockCache:
         setattr(self, slot, full)
         return full
 
+    def recompute(self, slot: str, fn, x: torch.Tensor, selection: torch.Tensor | None) -> torch.Tensor:
+        """``fn`` (a token-wise layer) on the selected tokens of ``x`` when the slot is ready for
+        them, else on every token; merged into / stored as the slot's full tensor."""
+        sel = selection if self.ready(x, selection, (slot,)) else None
+        return self.merge(slot, fn(x if sel is None else cat_core.gather_tokens(x, sel)), sel, x.shape[1])
+
 
 @dataclass
 class GridRun:

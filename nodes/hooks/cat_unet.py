@@ -115,9 +115,7 @@ def _cat_kv_projection(original, pending: _PendingBlock, proj: str):
     def forward(x):
         if pending.kv is not x:  # set together with pending.attn1 by the attn1 input patch
             return original(x)
-        cache, selection = pending.attn1.cache, pending.attn1.selection
-        sel = selection if cache.ready(x, selection, (proj,)) else None
-        return cache.merge(proj, original(x if sel is None else cat_core.gather_tokens(x, sel)), sel, x.shape[1])
+        return pending.attn1.cache.recompute(proj, original, x, pending.attn1.selection)
     return forward
 
 
@@ -129,8 +127,5 @@ def _cat_ff(original, uid: str, path: str):
         eligible, selection = call.level(x.shape[1])
         if not eligible:
             return original(x)
-        cache = call.block_cache(("ff", path))
-        sel = selection if cache.ready(x, selection, ("out",)) else None
-        out = original(x if sel is None else cat_core.gather_tokens(x, sel))
-        return cache.merge("out", out, sel, x.shape[1])
+        return call.block_cache(("ff", path)).recompute("out", original, x, selection)
     return forward

@@ -605,3 +605,80 @@ def test_dit_input_model_untouched_after_sampling(models, kind):
     after = base.model.diffusion_model.state_dict()
     assert all(torch.equal(weights[k], after[k]) for k in weights)
     assert torch.equal(run_sampler(base, latent_hw=(8, 8), batch=1, steps=3, cfg=1.0), ref)
+
+
+# --------------------------------------------------------------------------------------
+# Which tokens are recomputed: the selection, read from the predictions the sampler got
+# --------------------------------------------------------------------------------------
+
+def recomputed_tokens(log: CallLog, k: int) -> set[int]:
+    """Tokens (latent pixels on the SD1.5 top level) whose prediction changed between call
+    ``k - 1`` and call ``k``: on a pruned step exactly the tokens it recomputed (every other
+    token gets its previous prediction back)."""
+    prev, out = log.outputs[k - 1], log.outputs[k]
+    changed = (out != prev).any(dim=(0, 1)).flatten()
+    return set(changed.nonzero().flatten().tolist())
+
+
+def test_first_selection_is_the_tokens_that_changed_most(models):
+    """With one cluster the first selection is the ``S`` tokens whose prediction moved most
+    between the reference step and the clustering step (``g = ‖x̂_t − x̂_ref‖`` over channels),
+    both full steps, so ``g`` is computed here from the predictions the sampler received."""
+    base = models("sd15")
+    n = UNET_HW[0] * UNET_HW[1]
+    s = floor_keep(0.3, n)
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, num_clusters=1)
+    _, log = run_logged(base, m, hw=UNET_HW, batch=1, steps=3, cfg=1.0)
+    assert len(log.outputs) == 3  # step 0 reference, step 1 clustering, step 2 the first pruned step
+    g = torch.linalg.vector_norm(log.outputs[1][0] - log.outputs[0][0], dim=0).flatten()
+    want = set(torch.topk(g, s).indices.tolist())
+    assert recomputed_tokens(log, 2) == want
+
+
+def test_staleness_recomputes_every_token_within_a_few_pruned_steps(models):
+    """Distributional balance: after the first selection, ``S − ⌊cluster_share·S⌋`` of each
+    step's tokens are the least recently recomputed ones, so consecutive selections share at
+    most ``⌊cluster_share·S⌋`` tokens and every token is recomputed within
+    ``1 + ⌈(N − S) / (S − ⌊cluster_share·S⌋)⌉`` pruned steps (4 here: 64 tokens, S = 19).
+    Random selections of 19 of 64 tokens would leave ~15 tokens never recomputed in 4 steps."""
+    base = models("sd15")
+    n = UNET_HW[0] * UNET_HW[1]
+    s = floor_keep(0.3, n)
+    cluster_part = int(0.25 * s + 1e-9)
+    rounds = 1 + -(-(n - s) // (s - cluster_part))
+    assert rounds == 4
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0)
+    _, log = run_logged(base, m, hw=UNET_HW, batch=1, steps=2 + rounds, cfg=1.0)
+    selections = [recomputed_tokens(log, k) for k in range(2, 2 + rounds)]
+    assert all(len(sel) == s for sel in selections), [len(sel) for sel in selections]
+    for a, b in zip(selections, selections[1:]):
+        assert len(a & b) <= cluster_part, f"consecutive selections share {len(a & b)} tokens"
+    assert set().union(*selections) == set(range(n))
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("window", [(0.0, 0.5), (0.4, 1.0), (0.3, 0.6)], ids=["first_half", "second_half", "middle"])
+def test_partial_window_prunes_inside_and_is_untouched_outside(models, window):
+    """start/end_percent: only steps whose sigma lies inside the window recompute a selection
+    (shortened self-attention); the others run every token, and before the window opens the
+    predictions are bit-identical to the unpatched run's."""
+    from work_meter import WorkMeter
+
+    base = models("sd15")
+    steps = 8
+    start, end = window
+    sampling = base.get_model_object("model_sampling")
+    hi, lo = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, start_percent=start, end_percent=end)
+    with WorkMeter(base, keep_outputs=True) as meter:
+        run_sampler(m, latent_hw=UNET_HW, batch=1, steps=steps, cfg=1.0)
+    with WorkMeter(base, keep_outputs=True) as plain:
+        run_sampler(base, latent_hw=UNET_HW, batch=1, steps=steps, cfg=1.0)
+    # steps 0 and 1 are full for CAT anyway (reference, clustering)
+    inside = [k for k, c in enumerate(meter.calls) if lo <= c["sigma"] <= hi and k >= 2]
+    assert 0 < len(inside) < steps - 2, inside
+    assert set(meter.shortened_calls()) == set(inside)
+    first_in = min(inside)
+    for k in range(first_in):
+        assert torch.equal(meter.calls[k]["out"], plain.calls[k]["out"]), f"call {k} before the window differs"
+    assert not torch.equal(meter.calls[first_in]["out"], plain.calls[first_in]["out"])

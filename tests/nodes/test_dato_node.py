@@ -681,3 +681,40 @@ def test_sd2_v_prediction_prunes_and_caches():
     assert set(meter.shortened_calls()) == {0, 1, 3}
     n = HW[0] * HW[1]
     assert {q for c in meter.calls for _, q, _, full in c["attn1"] if full == n} == {n - int(0.4 * n)}
+
+
+# --------------------------------------------------------------------------------------
+# start/end_percent
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window", [(0.0, 0.5), (0.4, 1.0), (0.3, 0.6)], ids=["first_half", "second_half", "middle"])
+def test_partial_window_follows_the_schedule_inside_and_runs_full_outside(sd15, window):
+    """Steps whose sigma lies outside the window compute every layer on every token; steps inside
+    do what the schedule says (their caches were filled by the full steps before) with shortened
+    self-attention on computed steps; before the window opens the predictions are the unpatched
+    run's, bit for bit."""
+    steps, text = 6, "F S1 R S1 R S1"
+    start, end = window
+    sampling = sd15.get_model_object("model_sampling")
+    hi, lo = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    sigmas = sample_sigmas(sd15, steps)
+    m = apply_dato(sd15, prune_ratio=0.4, custom_schedule=text, start_percent=start, end_percent=end)
+    with CallLog(sd15) as log:
+        run_sampler(m, latent_hw=HW, batch=1, steps=steps, cfg=1.0)
+    with CallLog(sd15) as plain:
+        run_sampler(sd15, latent_hw=HW, batch=1, steps=steps, cfg=1.0)
+    inside = [lo <= c["sigma"] <= hi for c in log.calls]
+    assert 0 < sum(inside) < steps, inside
+    scheduled = Schedule.parse(text)
+    effective = Schedule.parse(" ".join(str(scheduled[j]) if inside[j] else "F" for j in range(steps)))
+    assert assert_calls_follow(log, effective, sigmas) == list(range(steps))
+    full_rows = plain.calls[0]["attn1"]
+    for k, c in enumerate(log.calls):
+        if not inside[k]:
+            assert c["attn1"] == full_rows, f"call {k} outside the window was pruned"
+        elif effective[k].kind != REUSE:
+            assert c["attn1"] != full_rows and all(n <= f for (_, n), (_, f) in zip(c["attn1"], full_rows)), k
+    first_in = inside.index(True)
+    for k in range(first_in):
+        assert torch.equal(log.calls[k]["eps"], plain.calls[k]["eps"]), f"call {k} before the window differs"
+    assert not torch.equal(log.calls[first_in]["eps"], plain.calls[first_in]["eps"])

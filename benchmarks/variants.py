@@ -55,12 +55,19 @@ class Variant:
     preset: str | None = None  # DaTo schedule preset (dato / deepcache variants); "custom" = schedule
     schedule: str | None = None  # dato-custom: the custom_schedule text (--dato-schedule)
     warmup: int | None = None  # CAT warmup_steps (modifier wN); None = the node's default
-    cat_options: dict = field(default_factory=dict)  # CAT's apply-only options (modifiers residual, merged)
+    node_options: dict = field(default_factory=dict)  # node options set by modifiers (CAT: residual, merged;
+    #                                                   DaTo: align, global, kept, merge)
 
+
+# DaTo modifiers that set a node option rather than name the schedule preset
+DATO_OPTION_MODIFIERS = {"align": {"align_cfg": True}, "global": {"similarity_search": "global"},
+                         "kept": {"recovery": "kept"}, "merge": {"recovery": "merge"}}
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
-    "dato": "prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or custom",
+    "dato": ("prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or "
+             "custom; option modifiers align = align_cfg on, global = similarity_search global, kept / merge = "
+             "recovery"),
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
             "levels), wN = warmup_steps N, residual = SD3 blocks without the K/V cache (dit_kv_cache off), merged = "
@@ -89,7 +96,10 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                     raise ValueError(f"variant {spec!r} needs --dato-schedule")
                 v.preset, v.schedule = "custom", dato_schedule
             else:
-                v.preset = "dato_" + ("_".join(mods) if mods else "official")
+                preset = [m for m in mods if m not in DATO_OPTION_MODIFIERS]
+                for mod in mods:
+                    v.node_options.update(DATO_OPTION_MODIFIERS.get(mod, {}))
+                v.preset = "dato_" + ("_".join(preset) if preset else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
         elif method == "cat":
@@ -100,9 +110,9 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                 elif mod[:1] == "w" and mod[1:].isdigit():
                     v.warmup = int(mod[1:])
                 elif mod == "residual":
-                    v.cat_options["dit_kv_cache"] = False
+                    v.node_options["dit_kv_cache"] = False
                 elif mod == "merged":
-                    v.cat_options["signal_before_merge"] = False
+                    v.node_options["signal_before_merge"] = False
                 else:
                     raise ValueError(f"variant {spec!r}: unknown cat modifier {mod!r} (ds1/ds2/ds4/ds8, wN, "
                                      f"residual, merged)")
@@ -180,12 +190,12 @@ def patch(base, v: Variant, seed: int):
         return apply_random(base, v.ratio, v.max_downsample, v.qonly, v.xattn, v.mlp, seed)
     if v.method in ("dato", "deepcache"):
         if v.preset == "custom":
-            return pack.apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed)
-        return pack.apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed)
+            return pack.apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed, **v.node_options)
+        return pack.apply_dato(base, prune_ratio=v.ratio, schedule=v.preset, seed=seed, **v.node_options)
     if v.method == "cat":
         warmup = {} if v.warmup is None else {"warmup_steps": v.warmup}
         return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, seed=seed, **warmup,
-                              **v.cat_options)
+                              **v.node_options)
     if v.method == "easycache":
         from comfy_extras.nodes_easycache import EasyCacheNode
         return EasyCacheNode.execute(base, reuse_threshold=v.ratio, start_percent=0.15, end_percent=0.95,
@@ -220,7 +230,8 @@ def parse_variants(text: str, dato_schedule: str | None = None) -> list[Variant]
 def options(v: Variant) -> dict:
     """The variant's settings as the JSON records them (``options`` of its row)."""
     if v.method in CACHE_METHODS:
-        return ({"preset": v.preset} if v.preset else {}) | ({"schedule": v.schedule} if v.schedule else {})
+        return (({"preset": v.preset} if v.preset else {}) | ({"schedule": v.schedule} if v.schedule else {})
+                | v.node_options)
     if v.method not in ("sito", "random"):
         return {}
     opts = {"prune_kv": not v.qonly, "max_downsample": v.max_downsample, "cross_attn": v.xattn, "mlp": v.mlp}
@@ -257,4 +268,4 @@ def cat_probe(base, v: Variant, seed: int):
     """CAT variant ``v`` with warm-up 0, so that its first pruned step comes after ``cat_probe_steps() - 1``
     full ones: the FLOPs pass and ``--profile`` measure that step."""
     return pack.apply_cat(base, keep_ratio=v.ratio, max_downsample=v.max_downsample, warmup_steps=0, seed=seed,
-                          **v.cat_options)
+                          **v.node_options)

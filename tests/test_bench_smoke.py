@@ -201,7 +201,7 @@ def test_bench_dato_custom_schedule(tmp_path):
 # with its default warm-up) prunes two of them.
 README_VARIANTS = ("unpatched,dato-official@0.4,dato-official-dense@0.4,dato-aggressive@0.4,deepcache-5@0,"
                    "deepcache-10@0,cat@0.3,cat-ds1@0.3,easycache@0.2,sito-qonly@0.5,sito-ds2@0.5,sito-kept@0.5,"
-                   "sito-merge@0.5,sito-global@0.5")
+                   "sito-merge@0.5,sito-global@0.5,dato-official-align@0.4,dato-official-kept-global@0.4")
 
 
 def test_bench_readme_variants_run(tmp_path):
@@ -217,6 +217,11 @@ def test_bench_readme_variants_run(tmp_path):
         if name in ("unpatched", "easycache@0.2"):  # EasyCache may skip nothing on a random model
             continue
         assert 0.0 < r["rel_error"] < 1.5, (name, r["rel_error"])
+    # DaTo's option modifiers reach the node: same schedule, other base tokens / stand-ins
+    assert rows["dato-official-kept-global@0.4"]["options"] == {"preset": "dato_official", "recovery": "kept",
+                                                              "similarity_search": "global"}
+    for name in ("dato-official-align@0.4", "dato-official-kept-global@0.4"):
+        assert rows[name]["rel_error"] != rows["dato-official@0.4"]["rel_error"], name
 
 
 # --profile labels the pack's and ToMe's selection and gather/scatter by wrapping public names

@@ -90,10 +90,19 @@ def prediction_tokens(pred: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
 
     ``H, W`` may equal the grid (UNet level 0: one latent pixel per token) or be ``p×q`` times
     it (DiT patches; odd latents are replicate-padded up to whole patches, ``p = ⌈H / h⌉``).
-    A ``[B, N, C]`` tensor is returned unchanged.
+    A video prediction ``[B, C, T, H, W]`` gives ``[B, grid.n, C·pt·p·q]`` on the ``t × h × w``
+    grid, frame-major (``pt = ⌈T / t⌉`` latent frames per token). A ``[B, N, C]`` tensor is
+    returned unchanged.
     """
     if pred.dim() == 3:
         return pred
+    if pred.dim() == 5:
+        b, c, tt, hh, ww = pred.shape
+        r, p, q = -(-tt // grid.t), -(-hh // grid.h), -(-ww // grid.w)
+        if (tt, hh, ww) != (grid.t * r, grid.h * p, grid.w * q):
+            pred = F.pad(pred, (0, grid.w * q - ww, 0, grid.h * p - hh, 0, grid.t * r - tt), mode="replicate")
+        x = pred.reshape(b, c, grid.t, r, grid.h, p, grid.w, q).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, grid.n, c * r * p * q)
     b, c, hh, ww = pred.shape
     p, q = -(-hh // grid.h), -(-ww // grid.w)
     if (hh, ww) != (grid.h * p, grid.w * q):
@@ -314,7 +323,8 @@ class CATState:
     def _check(self, pred: torch.Tensor) -> None:
         n = pred.shape[-2]
         if n != self.grid.n:
-            raise ValueError(f"CAT state made for a {self.grid.h}x{self.grid.w} grid ({self.grid.n} tokens), got {n} tokens")
+            dims = "x".join(str(d) for d in self.grid.dims)
+            raise ValueError(f"CAT state made for a {dims} grid ({self.grid.n} tokens), got {n} tokens")
 
     def set_reference(self, pred: torch.Tensor, row: int | None = 0) -> None:
         """Store the reference prediction ``n_ref`` (official: step 6); g measures drift from it."""
@@ -410,8 +420,23 @@ def latent_mask(selection: torch.Tensor, grid: TokenGrid, h: int, w: int) -> tor
     return m[:, :, :h, :w]
 
 
+def video_latent_mask(selection: torch.Tensor, grid: TokenGrid, t: int, h: int, w: int) -> torch.Tensor:
+    """``[1, 1, t, h, w]`` bool: the video latent positions covered by selected tokens of the
+    ``grid.t × grid.h × grid.w`` grid (each token covers ``⌈t/grid.t⌉ × ⌈h/grid.h⌉ × ⌈w/grid.w⌉``
+    latent positions; the last ones are cropped)."""
+    m = token_mask(selection, grid.n).reshape(1, 1, grid.t, grid.h, grid.w)
+    r, p, q = -(-t // grid.t), -(-h // grid.h), -(-w // grid.w)
+    m = m.repeat_interleave(r, dim=2).repeat_interleave(p, dim=3).repeat_interleave(q, dim=4)
+    return m[:, :, :t, :h, :w]
+
+
 def merge_prediction(new: torch.Tensor, previous: torch.Tensor, selection: torch.Tensor,
                      grid: TokenGrid) -> torch.Tensor:
-    """Noise-space reuse on a latent-shaped prediction ``[B, C, H, W]``: the new prediction where
-    a selected token of ``grid`` lies, the previous step's elsewhere."""
-    return torch.where(latent_mask(selection, grid, new.shape[-2], new.shape[-1]), new, previous)
+    """Noise-space reuse on a latent-shaped prediction ``[B, C, H, W]`` (or ``[B, C, T, H, W]``
+    on a video grid): the new prediction where a selected token of ``grid`` lies, the previous
+    step's elsewhere."""
+    if new.dim() == 5:
+        mask = video_latent_mask(selection, grid, *new.shape[-3:])
+    else:
+        mask = latent_mask(selection, grid, new.shape[-2], new.shape[-1])
+    return torch.where(mask, new, previous)

@@ -5,7 +5,8 @@ Vocabulary:
   model prediction plus a *position code*, so clusters are spatially compact regions whose
   borders follow the image content a little.
 - *label map*: ``[N]`` long, the cluster of every token (row-major like :class:`TokenGrid`).
-- *cluster adjacency*: ``[k, k]`` bool, True where two clusters touch on the 4-neighbour grid.
+- *cluster adjacency*: ``[k, k]`` bool, True where two clusters touch on the 4-neighbour grid
+  (6-neighbour on a video grid: frames are a third axis, and clusters span frames).
 - *pooled value*: per cluster, the per-channel max of a per-token signal over its members.
 
 Everything is torch on the caller's device, with no loop over tokens and no host sync: the
@@ -33,16 +34,29 @@ def position_code(grid: TokenGrid, channels: int, device=None) -> torch.Tensor:
     would stretch them along the long side) and equals the official code on square grids.
     Repeating each coordinate over half the channels (official: 32 + 32 of 64) keeps the
     position-vs-content balance of the official code for any channel count.
+
+    On a video grid (``t > 1``) every frame gets the same spatial code, and ``s`` is the
+    longest of the three sides (``t`` only counts when it exceeds ``h`` and ``w``); the frame
+    coordinate is a separate code (:func:`frame_code`).
     """
     if channels < 2:
         raise ValueError("a position code needs at least 2 channels (row and column)")
-    scale = float(max(grid.h, grid.w))
+    scale = float(max(grid.h, grid.w, grid.t))
     rows = torch.arange(grid.h, device=device, dtype=torch.float32) / scale
     cols = torch.arange(grid.w, device=device, dtype=torch.float32) / scale
     r = rows[:, None].expand(grid.h, grid.w).reshape(-1, 1)
     c = cols[None, :].expand(grid.h, grid.w).reshape(-1, 1)
     n_row = channels // 2
-    return torch.cat([r.expand(-1, n_row), c.expand(-1, channels - n_row)], dim=1)
+    code = torch.cat([r.expand(-1, n_row), c.expand(-1, channels - n_row)], dim=1)
+    return code if grid.t == 1 else code.repeat(grid.t, 1)
+
+
+def frame_code(grid: TokenGrid, channels: int, device=None) -> torch.Tensor:
+    """``[N, channels]`` fp32 holding every token's ``frame / s`` (``s`` as in
+    :func:`position_code`): one latent frame is as far as one token step in the image."""
+    scale = float(max(grid.h, grid.w, grid.t))
+    frames = torch.arange(grid.t, device=device, dtype=torch.float32) / scale
+    return frames.repeat_interleave(grid.h * grid.w)[:, None].expand(-1, channels)
 
 
 def clustering_features(feature: torch.Tensor, grid: TokenGrid,
@@ -52,11 +66,25 @@ def clustering_features(feature: torch.Tensor, grid: TokenGrid,
     ``feature``: per-token content (CAT: the prediction of the cond row at the clustering
     step). With a single channel the code cannot be added, so two coordinate channels are
     appended instead (``[N, 3]``).
+
+    Video grids (``t > 1``): clusters span frames. The frame coordinate is appended as
+    ``max(C // 2, 1)`` more channels (``[N, C + C//2]``), so time weighs exactly as much as each
+    of the two image axes (``C/2`` channels each, the official balance) and the image axes keep
+    the official balance against the content. Why clusters span frames: a token's prediction
+    drifts together with the same region in the neighbouring latent frames (objects move a
+    little per frame), so a spatio-temporal cluster groups tokens that change together; the
+    official constants (20 clusters, per-cluster quotas of ``S/10`` and ``S/20``) then keep
+    their meaning, where per-frame clusters would need ``20·t`` clusters or leave most
+    frames with less than one.
     """
     f = feature.float().reshape(grid.n, -1) * feature_weight
     if f.shape[1] >= 2:
-        return f + position_code(grid, f.shape[1], device=f.device)
-    return torch.cat([f, position_code(grid, 2, device=f.device)], dim=1)
+        out = f + position_code(grid, f.shape[1], device=f.device)
+    else:
+        out = torch.cat([f, position_code(grid, 2, device=f.device)], dim=1)
+    if grid.t == 1:
+        return out
+    return torch.cat([out, frame_code(grid, max(f.shape[1] // 2, 1), device=f.device)], dim=1)
 
 
 def _sq_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -188,14 +216,15 @@ def spatial_clusters(feature: torch.Tensor, grid: TokenGrid, num_clusters: int,
 
 
 def cluster_adjacency(labels: torch.Tensor, grid: TokenGrid, num_clusters: int) -> torch.Tensor:
-    """``[k, k]`` bool, True where two different clusters share a 4-neighbour edge.
+    """``[k, k]`` bool, True where two different clusters share a 4-neighbour edge (on a video
+    grid, 6 neighbours: the same position in the previous and next frame too).
 
-    Symmetric with a False diagonal. Built from the horizontal and vertical neighbour pairs
-    of the label map in one scatter.
+    Symmetric with a False diagonal. Built from the horizontal and vertical (and frame to
+    frame) neighbour pairs of the label map in one scatter.
     """
-    lab = labels.reshape(grid.h, grid.w)
-    a = torch.cat([lab[:, :-1].reshape(-1), lab[:-1, :].reshape(-1)])
-    b = torch.cat([lab[:, 1:].reshape(-1), lab[1:, :].reshape(-1)])
+    lab = labels.reshape(grid.t, grid.h, grid.w)
+    a = torch.cat([lab[:, :, :-1].reshape(-1), lab[:, :-1, :].reshape(-1), lab[:-1].reshape(-1)])
+    b = torch.cat([lab[:, :, 1:].reshape(-1), lab[:, 1:, :].reshape(-1), lab[1:].reshape(-1)])
     k = num_clusters
     adj = torch.zeros(k * k, dtype=torch.bool, device=labels.device)
     adj.index_fill_(0, torch.cat([a * k + b, b * k + a]), True)

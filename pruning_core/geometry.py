@@ -4,6 +4,10 @@ A UNet transformer block sees its activations as ``B × N × C`` tokens that com
 ``B × C × h × w`` feature map, row-major (``N = h·w``). Nothing here assumes a square grid
 or even sides: SiTo's official code reshaped to ``√N × √N`` and broke on every non-square
 image; we always carry ``(h, w)`` read from the live activation shape.
+
+Video DiTs (Wan, HunyuanVideo, LTX-Video) patchify a ``B × C × T × H × W`` latent into
+``t × h × w`` tokens, frame-major then row-major (``N = t·h·w``), as their 3-D patch embeddings
+flatten it; ``TokenGrid(h, w, t)`` is that grid (``t = 1``: an image, every 2-D rule as before).
 """
 from __future__ import annotations
 
@@ -14,14 +18,21 @@ import torch
 
 @dataclass(frozen=True)
 class TokenGrid:
-    """An ``h × w`` token grid, flattened row-major."""
+    """An ``h × w`` token grid, flattened row-major; with ``t > 1`` frames, ``t`` such grids one
+    after the other (frame-major, as video DiTs flatten their patches)."""
 
     h: int
     w: int
+    t: int = 1  # frames (video latents); 1 for images
 
     @property
     def n(self) -> int:
-        return self.h * self.w
+        return self.t * self.h * self.w
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """``(h, w)`` for an image grid, ``(t, h, w)`` for a video grid (names a grid in messages)."""
+        return (self.h, self.w) if self.t == 1 else (self.t, self.h, self.w)
 
     def windows(self, sy: int, sx: int) -> tuple[int, int]:
         """Number of whole ``sy × sx`` windows along each axis.
@@ -37,6 +48,14 @@ class TokenGrid:
     def halved(self) -> "TokenGrid":
         """The next coarser UNet level: sides halved and rounded up, as stride-2 convolutions do."""
         return TokenGrid((self.h + 1) // 2, (self.w + 1) // 2)
+
+
+def video_token_grid(shape, patch: tuple[int, int, int]) -> TokenGrid:
+    """The token grid of a ``[..., T, H, W]`` latent patchified by ``patch = (pt, ph, pw)`` (sides
+    padded up to whole patches, as ComfyUI's ``pad_to_patch_size`` does)."""
+    t, h, w = (int(s) for s in shape[-3:])
+    pt, ph, pw = patch
+    return TokenGrid(-(-h // ph), -(-w // pw), -(-t // pt))
 
 
 def latent_token_grid(h: int, w: int, factor: int) -> TokenGrid:

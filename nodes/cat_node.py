@@ -32,7 +32,8 @@ PARAMS = Params(
     Param("max_downsample", "combo", "8", "UNets: which levels recompute only the selected tokens. 8 (default) = "
           "every level with attention, middle block included; auto = only the highest-resolution one (the "
           "selection's own grid); a coarser level recomputes the same share of its tokens, those covering the most "
-          "selected ones. Conv blocks always run in full. Ignored on SD3/Flux.", options=tuple(DOWNSAMPLE_CHOICES)),
+          "selected ones. Conv blocks always run in full. Ignored on DiTs (SD3, Flux, video models).",
+          options=tuple(DOWNSAMPLE_CHOICES)),
     # The pack's earlier shortcuts, kept to measure against the official behaviour (docs/algorithms.md §4.6)
     Param("dit_kv_cache", "boolean", True, "SD3: attention of pruned blocks sees every image token's keys/values "
           "(fresh for the selected, cached for the rest); False runs the block on the selected tokens and reuses "
@@ -67,8 +68,9 @@ def apply_cat(model, **options):
     levels = hooks.attention_levels(model)
     family = "unet" if levels else hooks.dit_family(model)
     if family is None:
-        log.warning("CAT Pruning: %s is not a supported model (UNet with SpatialTransformer levels, SD3 MMDiT or "
-                    "Flux); model passed through unchanged.", hooks.model_class_name(model))
+        log.warning("CAT Pruning: %s is not a supported model (UNet with SpatialTransformer levels, SD3 MMDiT, "
+                    "Flux, Chroma, Qwen-Image, Wan 2.x, HunyuanVideo or LTX-Video); model passed through unchanged.",
+                    hooks.model_class_name(model))
         return model
     coarsest = None
     if family == "unet":
@@ -105,7 +107,8 @@ class CATPruneCache(io.ComfyNode):
                          "the tokens whose prediction drifted most (ranked by spatial cluster) plus the stalest ones; "
                          "all other tokens reuse cached attention keys/values and attention/feed-forward outputs, and their "
                          "previous prediction; UNet conv blocks always run in full. "
-                         "SD1.x/SD2.x/SDXL UNets, SD3 and Flux."),
+                         "SD1.x/SD2.x/SDXL UNets, SD3, Flux, Chroma, Qwen-Image, and the video models Wan 2.x, "
+                         "HunyuanVideo and LTX-Video (frames x height x width tokens)."),
             inputs=[build(io.Model.Input, id="model", tooltip="The diffusion model to accelerate. It is cloned, never modified.")]
             + PARAMS.schema_inputs(),
             outputs=[build(io.Model.Output, tooltip="The model with CAT Pruning applied.")],

@@ -43,15 +43,30 @@ __all__ = [
     "tiny_sdxl",
     "tiny_sd3",
     "tiny_flux",
+    "tiny_chroma",
+    "tiny_qwen_image",
+    "tiny_wan21",
+    "tiny_wan21_i2v",
+    "tiny_wan22_ti2v",
+    "tiny_hunyuan_video",
+    "tiny_ltxv",
+    "VIDEO_KINDS",
     "build",
     "make_conds",
     "run_sampler",
     "seeded_fill_",
 ]
 
-# Latent channels per family: SD1.x/2.x/XL use the 4-channel VAE, SD3 and Flux the 16-channel one.
-LATENT_CHANNELS = {"sd15": 4, "sd2v": 4, "sdxl": 4, "sd3": 16, "flux": 16}
-KINDS = tuple(LATENT_CHANNELS)
+# Latent channels per family: SD1.x/2.x/XL use the 4-channel VAE, SD3 and Flux the 16-channel one;
+# Chroma the Flux VAE; Qwen-Image, Wan 2.1 and HunyuanVideo 16-channel video VAEs, Wan 2.2 (TI2V 5B)
+# its 48-channel VAE, LTX-Video a 128-channel one.
+LATENT_CHANNELS = {"sd15": 4, "sd2v": 4, "sdxl": 4, "sd3": 16, "flux": 16,
+                   "chroma": 16, "qwen_image": 16, "wan21": 16, "wan21_i2v": 16, "wan22_ti2v": 48,
+                   "hunyuan_video": 16, "ltxv": 128}
+KINDS = ("sd15", "sd2v", "sdxl", "sd3", "flux")  # the image families of the original matrices
+DIT_KINDS = ("chroma", "qwen_image", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
+# latents with a frame axis ([B, C, T, H, W]); Qwen-Image's are one frame
+VIDEO_KINDS = ("qwen_image", "wan21", "wan21_i2v", "wan22_ti2v", "hunyuan_video", "ltxv")
 
 # --------------------------------------------------------------------------------------
 # Builders
@@ -189,6 +204,90 @@ def tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_
     return _wrap(mc.get_model({}), seed)
 
 
+# --------------------------------------------------------------------------------------
+# The DiTs users run in 2026 (CAT on frames x height x width grids). Real head sizes, rotary
+# axes, patching, context widths and block structure; two blocks (and a reduced width) each.
+# --------------------------------------------------------------------------------------
+
+def tiny_chroma(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Chroma: Flux's double/single blocks without their own modulation (the distilled-guidance
+    approximator produces every block's modulation), T5 context 4096, no pooled vector."""
+    cfg = {
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096,
+        "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 4, "depth": 2, "depth_single_blocks": 2,
+        "axes_dim": [8, 28, 28], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+        "in_dim": 64, "out_dim": 256, "hidden_dim": 256, "n_layers": 2,
+    }
+    mc = _config(comfy.supported_models.Chroma, cfg, dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def tiny_qwen_image(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Qwen-Image: dual-stream blocks (joint attention over text + image, separate MLPs),
+    128-wide heads with rotary axes 16+56+56, Qwen2.5-VL context 3584, one-frame 16-channel latents."""
+    cfg = {
+        "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2,
+        "attention_head_dim": 128, "num_attention_heads": 2, "joint_attention_dim": 3584,
+        "axes_dims_rope": (16, 56, 56),
+    }
+    mc = _config(comfy.supported_models.QwenImage, cfg, dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def _wan_config(**kw) -> dict:
+    # Real Wan: 128-wide heads (model_detection: num_heads = dim // 128), patch (1, 2, 2), umT5 4096
+    # context, 256-wide frequency embedding; the 1.3B/14B/5B models differ in width, depth, latent
+    # channels and (14B I2V) the image cross-attention.
+    return {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
+            "dim": 256, "ffn_dim": 512, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 2,
+            "num_layers": 2, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6, **kw}
+
+
+def tiny_wan21(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Wan 2.1 text-to-video (the 1.3B/14B T2V layout): self-attention with 3-D RoPE, text
+    cross-attention, FFN, per-block modulation; 16-channel latents."""
+    mc = _config(comfy.supported_models.WAN21_T2V, _wan_config(), dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def tiny_wan21_i2v(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Wan 2.1 image-to-video (the 14B I2V layout, also Wan 2.2 A14B I2V): 36 input channels (noise
+    + 4 mask + 16 start-image latent channels), CLIP-vision tokens (257 x 1280) in the cross-attention."""
+    mc = _config(comfy.supported_models.WAN21_I2V, _wan_config(model_type="i2v", in_dim=36), dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def tiny_wan22_ti2v(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """Wan 2.2 TI2V (the 5B layout): 48-channel latents of the 16x VAE; image-to-video puts the
+    start image in the first latent frame with a denoise mask of 0 there (per-frame timesteps)."""
+    mc = _config(comfy.supported_models.WAN22_T2V, _wan_config(in_dim=48, out_dim=48), dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def tiny_hunyuan_video(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """HunyuanVideo: Flux-style double/single blocks with the image stream first in the joint
+    sequence, 128-wide heads with rotary axes 16+56+56, patch (1, 2, 2), LLaMA context 4096 with
+    its attention mask, CLIP-L pooled 768, guidance embedding."""
+    cfg = {
+        "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 4096, "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+        "depth_single_blocks": 2, "axes_dim": [16, 56, 56], "theta": 256, "patch_size": [1, 2, 2],
+        "qkv_bias": True, "guidance_embed": True, "byt5": False, "meanflow": False,
+        "use_cond_type_embedding": False, "vision_in_dim": None,
+    }
+    mc = _config(comfy.supported_models.HunyuanVideo, cfg, dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
+def tiny_ltxv(dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
+    """LTX-Video: 128-channel latents patchified 1x1x1 (one token per latent voxel), blocks with
+    RoPE self-attention, T5 cross-attention and a GEGLU feed-forward, per-token timesteps."""
+    cfg = {"image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 256, "attention_head_dim": 64,
+           "num_attention_heads": 4, "caption_channels": 4096, "num_layers": 2}
+    mc = _config(comfy.supported_models.LTXV, cfg, dtype)
+    return _wrap(mc.get_model({}), seed)
+
+
 def micro(kind: str = "sd15", dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
     """Micro models for the long compatibility matrices: the tiny SD1.5 / SDXL layouts with 64
     base channels (a few ms per call, so hundreds of sampler runs stay affordable)."""
@@ -221,7 +320,9 @@ def step_of(sigma: float, sigmas: list[float]) -> int:
     return j
 
 
-_BUILDERS = {"sd15": tiny_sd15, "sd2v": tiny_sd2v, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}
+_BUILDERS = {"sd15": tiny_sd15, "sd2v": tiny_sd2v, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux,
+             "chroma": tiny_chroma, "qwen_image": tiny_qwen_image, "wan21": tiny_wan21, "wan21_i2v": tiny_wan21_i2v,
+             "wan22_ti2v": tiny_wan22_ti2v, "hunyuan_video": tiny_hunyuan_video, "ltxv": tiny_ltxv}
 
 
 def build(kind: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> comfy.model_patcher.ModelPatcher:
@@ -242,10 +343,25 @@ _COND_SPEC = {
     "sdxl": (2048, 77, 1280),
     "sd3": (4096, 154, 2048),
     "flux": (4096, 256, 768),
+    # the 2026 DiTs (fewer text tokens than the real encoders pad to, to keep the tests fast)
+    "chroma": (4096, 32, None),  # T5-XXL
+    "qwen_image": (3584, 32, None),  # Qwen2.5-VL 7B
+    "wan21": (4096, 32, None),  # umT5-XXL
+    "wan21_i2v": (4096, 32, None),
+    "wan22_ti2v": (4096, 32, None),
+    "hunyuan_video": (4096, 32, 768),  # LLaMA-3 8B hidden states + CLIP-L pooled
+    "ltxv": (4096, 32, None),  # T5-XXL
 }
 
 
-def make_conds(kind: str, batch: int = 1, seed: int = 0, tokens: int | None = None):
+class _ClipVisionOutput:
+    """What CLIPVisionEncode hands Wan I2V: the penultimate hidden states, 257 tokens x 1280."""
+
+    def __init__(self, hidden):
+        self.penultimate_hidden_states = hidden
+
+
+def make_conds(kind: str, batch: int = 1, seed: int = 0, tokens: int | None = None, text_mask: bool = False):
     """Random (positive, negative) conditioning in ComfyUI's ``[[tensor, {extras}]]`` form.
 
     Extras are what each ``model_base`` class's ``extra_conds`` reads:
@@ -255,6 +371,10 @@ def make_conds(kind: str, batch: int = 1, seed: int = 0, tokens: int | None = No
       * SD3: ``pooled_output`` (B, 2048) becomes ``y``.
       * Flux: ``pooled_output`` (B, 768) becomes ``y``; ``guidance`` (default 3.5) feeds
         the guidance embedding.
+      * LTX-Video: the T5 padding ``attention_mask``; HunyuanVideo: the LLaMA one with
+        ``text_mask`` (its encoder drops an all-ones mask, and ComfyUI's HunyuanVideo
+        accepts a mask on one-row calls only, i.e. cfg 1).
+      * Wan 2.1 I2V: ``clip_vision_output`` (257 CLIP-vision tokens of 1280).
     """
     dim, default_tokens, pooled = _COND_SPEC[kind]
     tokens = default_tokens if tokens is None else tokens
@@ -267,6 +387,14 @@ def make_conds(kind: str, batch: int = 1, seed: int = 0, tokens: int | None = No
             extras["pooled_output"] = torch.randn((batch, pooled), generator=gen)
         if kind == "flux":
             extras["guidance"] = 3.5
+        if kind == "chroma":  # its T5-only encoder gives no pooled vector (Flux's encode_adm reads the key)
+            extras["pooled_output"] = None
+        if kind == "ltxv" or (kind == "hunyuan_video" and text_mask):  # padding mask (last quarter padded)
+            mask = torch.ones((batch, tokens), dtype=torch.long)
+            mask[:, tokens - tokens // 4:] = 0
+            extras["attention_mask"] = mask
+        if kind == "wan21_i2v":
+            extras["clip_vision_output"] = _ClipVisionOutput(torch.randn((batch, 257, 1280), generator=gen))
         return [[ctx, extras]]
 
     positive = one()
@@ -276,6 +404,18 @@ def make_conds(kind: str, batch: int = 1, seed: int = 0, tokens: int | None = No
 
 def _kind_of(patcher) -> str:
     m = patcher.model
+    if isinstance(m, comfy.model_base.Chroma):
+        return "chroma"
+    if isinstance(m, comfy.model_base.QwenImage):
+        return "qwen_image"
+    if isinstance(m, comfy.model_base.WAN22):
+        return "wan22_ti2v"
+    if isinstance(m, comfy.model_base.WAN21):
+        return "wan21_i2v" if m.image_to_video else "wan21"
+    if isinstance(m, comfy.model_base.HunyuanVideo):
+        return "hunyuan_video"
+    if isinstance(m, comfy.model_base.LTXV):
+        return "ltxv"
     if isinstance(m, comfy.model_base.Flux):
         return "flux"
     if isinstance(m, comfy.model_base.SD3):
@@ -289,6 +429,39 @@ def _kind_of(patcher) -> str:
 # --------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------
+def _image_to_video(kind: str, latent: torch.Tensor, positive, negative, seed: int):
+    """What the family's image-to-video node does to the latent and the conds (start image = a
+    random latent frame): Wan 2.1 I2V (WanImageToVideo) concatenates the start image and a mask
+    (0 on the first frame) to the input channels; Wan 2.2 TI2V (Wan22ImageToVideoLatent),
+    LTX-Video (LTXVImgToVideo) and HunyuanVideo's "v2 (replace)" (HunyuanImageToVideo) put it in
+    the first latent frame with a noise mask of 0 there (HunyuanVideo also sets guiding_frame_index).
+    Returns (latent, positive, negative, noise_mask)."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed) + 99)
+    b, c, t, h, w = latent.shape
+    image = torch.randn((1, c, 1, h, w), generator=gen)
+    extra: dict = {}
+    noise_mask = None
+    if kind == "wan21_i2v":
+        concat = torch.zeros((1, 16, t, h, w))
+        concat[:, :, :1] = image[:, :16]
+        mask = torch.ones((1, 1, t, h, w))
+        mask[:, :, :1] = 0.0
+        extra = {"concat_latent_image": concat, "concat_mask": mask}
+    elif kind in ("wan22_ti2v", "ltxv", "hunyuan_video"):
+        latent = latent.clone()
+        latent[:, :, :1] = image
+        noise_mask = torch.ones((b, 1, t, h, w) if kind != "ltxv" else (b, 1, t, 1, 1))
+        noise_mask[:, :, :1] = 0.0
+        if kind == "hunyuan_video":
+            extra = {"guiding_frame_index": 0}
+    else:
+        raise ValueError(f"{kind} has no image-to-video mode here")
+
+    def add(conds):
+        return [[c, {**d, **extra}] for c, d in conds]
+    return latent, add(positive), add(negative), noise_mask
+
+
 def run_sampler(
     patcher,
     latent_hw=(16, 24),
@@ -302,23 +475,35 @@ def run_sampler(
     latent: torch.Tensor | None = None,
     positive=None,
     negative=None,
+    frames: int | None = None,
+    i2v: bool = False,
+    noise_mask: torch.Tensor | None = None,
+    callback=None,
 ) -> torch.Tensor:
     """Sample with ComfyUI's real ``comfy.sample.sample`` - the call the KSampler node makes.
 
     ``latent`` (B, C, H, W) enables img2img with ``denoise`` < 1; by default an empty
     (zero) latent of the family's channel count is used, as EmptyLatentImage does.
+    Video families (``VIDEO_KINDS`` but Qwen-Image) get a ``(B, C, frames, H, W)`` latent
+    (``frames`` latent frames, default 3), as EmptyHunyuanLatentVideo / EmptyLTXVLatentVideo do;
+    ``i2v`` turns it into the family's image-to-video setup (:func:`_image_to_video`).
     Conditioning defaults to ``make_conds(kind, seed=seed)`` (broadcast over the batch by
     ComfyUI). Returns the final latent (float32, CPU).
     """
     kind = _kind_of(patcher)
     if latent is None:
         h, w = latent_hw
-        latent = torch.zeros((batch, LATENT_CHANNELS[kind], h, w), dtype=torch.float32)
+        if kind in VIDEO_KINDS and kind != "qwen_image":
+            latent = torch.zeros((batch, LATENT_CHANNELS[kind], frames or 3, h, w), dtype=torch.float32)
+        else:
+            latent = torch.zeros((batch, LATENT_CHANNELS[kind], h, w), dtype=torch.float32)
     latent = comfy.sample.fix_empty_latent_channels(patcher, latent)
     if positive is None or negative is None:
         pos, neg = make_conds(kind, seed=seed)
         positive = pos if positive is None else positive
         negative = neg if negative is None else negative
+    if i2v:
+        latent, positive, negative, noise_mask = _image_to_video(kind, latent, positive, negative, seed)
     noise = comfy.sample.prepare_noise(latent, seed)
     out = comfy.sample.sample(
         patcher,
@@ -331,6 +516,8 @@ def run_sampler(
         negative,
         latent,
         denoise=denoise,
+        noise_mask=noise_mask,
+        callback=callback,
         disable_pbar=True,
         seed=seed,
     )

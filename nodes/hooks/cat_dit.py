@@ -1,4 +1,5 @@
-"""CAT Pruning inside DiT blocks (SD3 MMDiT joint blocks, Flux double and single blocks).
+"""CAT Pruning inside DiT blocks (SD3 MMDiT joint blocks; Flux, Chroma and HunyuanVideo double
+and single blocks). Wan, Qwen-Image and LTX-Video: :mod:`.cat_dit_kv`.
 
 Two ways, chosen per block by what the block offers (feature detection):
 
@@ -11,9 +12,10 @@ Two ways, chosen per block by what the block offers (feature detection):
   feed-forward outputs, scaled by this step's modulation gates and added to their current
   input: norms, modulation, gates and residual adds run on every token, as in the official code.
   A full step runs everything and fills the caches.
-- **Residual update (Flux, and SD3.5's MMDiT-X blocks with a second image self-attention).**
-  A ``dit`` block-replace patch runs the block on the text tokens and the selected image
-  tokens (and their RoPE rows on Flux); unselected image tokens get their input plus the
+- **Residual update (Flux, Chroma, HunyuanVideo, and SD3.5's MMDiT-X blocks with a second
+  image self-attention).** A ``dit`` block-replace patch runs the block on the text tokens and
+  the selected image tokens (and their RoPE rows, attention-mask columns and, on HunyuanVideo's
+  image-to-video, per-range modulation bounds); unselected image tokens get their input plus the
   block's cached residual update from the last step that computed them. The attention of a
   pruned block then sees only the selected image keys, and unselected tokens keep an earlier
   step's gates: a deviation from the official code, kept where the block's attention cannot be
@@ -32,7 +34,9 @@ from .patching import register
 
 
 def install_cat_dit(model, uid: str, family: str, kv_cache: bool = True) -> None:
-    """``kv_cache=False`` uses the residual-update way on every block (for comparisons)."""
+    """``kv_cache=False`` uses the residual-update way on every block (for comparisons).
+    ``family``: "mmdit", or "flux" / "chroma" / "hunyuan_video" (double + single blocks; on
+    HunyuanVideo the image stream comes first in the joint sequence)."""
     dm = diffusion_model(model)
     if family == "mmdit":
         blocks = []
@@ -45,7 +49,7 @@ def install_cat_dit(model, uid: str, family: str, kv_cache: bool = True) -> None
         blocks = ([("double_block", i) for i in range(len(dm.double_blocks))]
                   + [("single_block", i) for i in range(len(dm.single_blocks))])
     for kind, i in blocks:
-        register(model, "dit", cat_dit_block(uid, (kind, i)), kind, i)
+        register(model, "dit", cat_dit_block(uid, (kind, i), image_first=family == "hunyuan_video"), kind, i)
 
 
 def _has_kv_cache_points(x_block) -> bool:
@@ -104,37 +108,105 @@ def _install_joint_kv_cache(model, uid: str, index: int) -> None:
     register(model, "object", mlp, f"{path}.mlp.forward")
 
 
-def cat_dit_block(uid: str, block_key):
+UNPLACED = ("a block saw more image tokens than the latent has (reference latents, e.g. Flux Kontext or "
+            "HunyuanVideo's ref_latent): those steps ran in full")
+
+
+def _remap_modulation_dims(dims, index: torch.Tensor):
+    """Token ranges ``(start, end, vec)`` of HunyuanVideo's per-range modulation, moved to the
+    positions the kept rows ``index`` (sorted) have in the shortened sequence."""
+    if not dims:
+        return dims
+    bounds = torch.tensor([b for s, e, _ in dims for b in (s, e) if b is not None], device=index.device)
+    where = iter(torch.searchsorted(index, bounds).tolist())
+    return [(next(where), None if e is None else next(where), v) for s, e, v in dims]
+
+
+def _short_mask(mask, index: torch.Tensor, length: int):
+    """The attention mask of the shortened joint sequence (``index``: its rows of the
+    ``length``-token sequence), or None when the mask does not key on that sequence."""
+    if mask.shape[-1] != length:
+        return None
+    mask = mask.index_select(mask.dim() - 1, index)
+    if mask.dim() >= 2 and mask.shape[-2] == length:
+        mask = mask.index_select(mask.dim() - 2, index)
+    elif mask.dim() >= 2 and mask.shape[-2] != 1:
+        return None
+    return mask
+
+
+def cat_dit_block(uid: str, block_key, image_first: bool = False):
+    """The residual-update ``dit`` replace patch of one double or single block.
+
+    Where the image tokens sit: double blocks get them alone in ``img``; single blocks get the
+    joint sequence, text first on Flux/Chroma and image first on HunyuanVideo (``image_first``),
+    and the rotary table ``pe`` covers the joint sequence in the same order. The blocks update
+    their input in place (``img +=``), so the update is measured against a copy of the input.
+    """
     def block(args, extra):
         original = extra["original_block"]
         call = call_of(uid)
         if call is None:
             return original(args)
         img = args["img"]
-        n_img = call.n_tokens
-        offset = img.shape[1] - n_img  # Flux single blocks see cat(txt, img)
-        cache, selection = call.block_cache(("dit",) + tuple(block_key)), call.selection
-        if offset < 0 or (offset > 0 and "txt" in args) or args.get("attn_mask") is not None:
+        n_img, length = call.n_tokens, img.shape[1]
+        double = "txt" in args
+        if call.unplaced or length < n_img or (double and length != n_img):
+            if call.selection is not None and (call.unplaced or length > n_img):
+                call.cannot_place(UNPLACED)
             return original(args)
-        ready = selection is not None and cache.delta is not None and cache.delta.shape == img[:, offset:].shape
+        mask_key = "attention_mask" if "attention_mask" in args else "attn_mask"
+        mask = args.get(mask_key)
+        if mask is not None and not image_first:  # Flux/Chroma: a masked block runs whole (as before)
+            return original(args)
+        start = 0 if image_first else length - n_img  # the image rows of ``img``
+        cache, selection = call.block_cache(("dit",) + tuple(block_key)), call.selection
+        ready = selection is not None and cache.delta is not None and cache.delta.shape == img[:, start:start + n_img].shape
+        pe = args.get("pe")
+        pe_len = pe.shape[2] if isinstance(pe, torch.Tensor) else None
+        if ready:
+            dev = selection.device
+            rows = selection + start
+            index = (torch.cat([rows, torch.arange(start + n_img, length, device=dev)]) if image_first
+                     else torch.cat([torch.arange(start, device=dev), rows]))
+            pe_start = 0 if image_first else (pe_len - n_img if pe_len is not None else 0)
+            joint = None
+            if pe_len is not None:
+                joint = (torch.cat([selection, torch.arange(n_img, pe_len, device=dev)]) if image_first
+                         else torch.cat([torch.arange(pe_start, device=dev), selection + pe_start]))
+            if mask is not None:
+                mask = _short_mask(mask, joint, pe_len) if joint is not None else None
+                if mask is None:
+                    ready = False
         if not ready:
+            before = img[:, start:start + n_img].clone()
             out = original(args)
-            cache.delta = out["img"][:, offset:] - img[:, offset:]
+            cache.delta = out["img"][:, start:start + n_img] - before
             return out
-        index = torch.cat([torch.arange(offset, device=selection.device), selection + offset])
         short = dict(args)
         short["img"] = img.index_select(1, index)
-        pe = args.get("pe")
-        if isinstance(pe, torch.Tensor):  # Flux RoPE rows, [B, 1, txt + img, ...]: keep text + selected image rows
-            text = pe.shape[2] - n_img
-            short["pe"] = pe.index_select(2, torch.cat([torch.arange(text, device=pe.device), selection + text]))
+        before = short["img"][:, start:start + selection.numel()].clone()  # the block adds to it in place
+        if joint is not None:  # RoPE rows: text + selected image rows
+            short["pe"] = pe.index_select(2, joint)
+        if mask is not None:
+            short[mask_key] = mask
+        for key in ("modulation_dims_img", "modulation_dims"):
+            if args.get(key):  # the same ranges in every block of the call: remapped once (a host sync)
+                memo = (key, tuple(args[key]), length)
+                if memo not in call.memo:
+                    call.memo[memo] = _remap_modulation_dims(args[key], selection if double else index)
+                short[key] = call.memo[memo]
         out = original(short)
         new_img = out["img"]
-        fresh = new_img[:, offset:]
-        cache.delta = cat_core.merge_tokens(fresh - short["img"][:, offset:], cache.delta, selection)
+        s = selection.numel()
+        fresh = new_img[:, start:start + s]
+        cache.delta = cat_core.merge_tokens(fresh - before, cache.delta, selection)
         # unselected tokens: their input plus the block's cached update; selected: the fresh output itself
-        image = (img[:, offset:] + cache.delta.to(img.dtype)).index_copy(1, selection, fresh)
-        full = image if not offset else torch.cat([new_img[:, :offset], image], dim=1)
+        image = (img[:, start:start + n_img] + cache.delta.to(img.dtype)).index_copy(1, selection, fresh)
+        if image_first:
+            full = image if length == n_img else torch.cat([image, new_img[:, s:]], dim=1)
+        else:
+            full = image if not start else torch.cat([new_img[:, :start], image], dim=1)
         result = dict(out)
         result["img"] = full
         return result

@@ -8,6 +8,12 @@ from the cond rows. What the blocks do with the selection: :mod:`.cat_unet`, :mo
 
 Step roles (docs/algorithms.md §4.3): ``warmup_steps`` full steps, the reference step, the
 clustering step (still full), then pruned steps, each using the selection the step before made.
+
+Video latents (``[B, C, T, H, W]``: Wan, HunyuanVideo, LTX-Video; Qwen-Image's one-frame
+latents) give a ``t × h × w`` token grid (docs/dit-families.md). Frames the sampler keeps fixed
+(a denoise mask of 0 over the whole frame, or HunyuanVideo's guiding frame) are conditioning:
+their tokens are computed on every step and the selection policy never sees them; it runs on
+the grid of the other frames.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch
 
 from ...pruning_core import cat as cat_core
 from ...pruning_core.cat import CATState
-from ...pruning_core.geometry import TokenGrid, coarser_token_counts, latent_token_grid
+from ...pruning_core.geometry import TokenGrid, coarser_token_counts, latent_token_grid, video_token_grid
 from .calls import CallSlot, chunk_key, cond_rows, latent_of, transformer_options_of
 from .patching import add_wrapper, wrapper_kinds
 from .run import RunState, run_state
@@ -93,6 +99,15 @@ class GridRun:
     levels: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)  # step -> {coarser level's tokens: carried selection}
     previous: dict[tuple, torch.Tensor] = field(default_factory=dict)  # chunk -> its last prediction
     has_cond: bool = False  # a cond row has been seen on this grid (else the uncond rows drive)
+    grid: TokenGrid | None = None  # every token the blocks see (the policy's grid lacks the fixed frames)
+    fixed: torch.Tensor | None = None  # tokens of the frames the sampler keeps fixed: always computed
+    free: torch.Tensor | None = None  # the policy's tokens, as indices of ``grid`` (None: all of them)
+
+    def to_blocks(self, selection: torch.Tensor) -> torch.Tensor:
+        """A policy selection as the sorted tokens the blocks compute (fixed frames added)."""
+        if self.free is None:
+            return selection
+        return torch.sort(torch.cat([self.fixed, self.free[selection]])).values
 
 
 @dataclass
@@ -101,6 +116,7 @@ class CATRun:
 
     grids: dict[TokenGrid, GridRun] = field(default_factory=dict)
     blocks: dict[tuple, BlockCache] = field(default_factory=dict)  # (chunk, block key) -> its cache
+    fixed_frames: dict[tuple, tuple[int, ...]] = field(default_factory=dict)  # (grid, mask shape) -> fixed frames
 
 
 @dataclass(frozen=True)
@@ -114,6 +130,14 @@ class CATCall:
     n_tokens: int  # tokens of the selection's grid (image tokens on DiTs)
     levels: dict[int, torch.Tensor | None]  # UNet: tokens of each coarser eligible level -> its selection
     keep_attn2: bool = False  # an attn2 replace patch (IPAdapter style) expects every query
+    # why a block could not place the selection (tokens the latent does not account for): the
+    # rest of the call then runs whole and the step wrapper keeps this call's raw prediction
+    unplaced: list = field(default_factory=list, compare=False)
+    memo: dict = field(default_factory=dict, compare=False)  # what blocks of this call share (computed once)
+
+    def cannot_place(self, why: str) -> None:
+        if why not in self.unplaced:
+            self.unplaced.append(why)
 
     def level(self, n_tokens: int) -> tuple[bool, torch.Tensor | None]:
         """(eligible, selection) for a token sequence of this call: the selection's own grid, or
@@ -138,29 +162,88 @@ def call_of(uid: str) -> CATCall | None:
     return call if call is not None and call.uid == uid else None
 
 
+@dataclass(frozen=True)
+class StepLayout:
+    """How the step wrapper reads a family's latent as tokens."""
+
+    token_factor: int = 1  # 4-D latents: latent pixels per token side (UNet level, DiT patch)
+    patch: tuple[int, int, int] | None = None  # 5-D latents: (pt, ph, pw); None: 5-D calls pass through
+    guide_frame_conds: tuple[str, ...] = ()  # conds that make the first latent frame a guide frame
+
+
+def _fixed_frames(run: CATRun, kwargs: dict, layout: StepLayout, grid: TokenGrid) -> tuple[int, ...]:
+    """Token frames the sampler keeps fixed: those whose denoise mask is 0 everywhere (read once
+    per run and grid: the sampler's mask does not change during a run, and reading it is a host
+    sync), and the guiding frame of the family's ``guide_frame_conds``."""
+    if grid.t == 1 or layout.patch is None:
+        return ()
+    fixed: set[int] = set()
+    mask = kwargs.get("denoise_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 5:
+        key = (grid, tuple(mask.shape))
+        if key not in run.fixed_frames:
+            pt = layout.patch[0]
+            per_frame = mask.detach().float().amax(dim=(0, 1, 3, 4)).tolist()  # one value per latent frame
+            run.fixed_frames[key] = tuple(j for j in range(grid.t)
+                                          if all(v <= 0 for v in per_frame[j * pt:(j + 1) * pt]))
+        fixed.update(run.fixed_frames[key])
+    if any(kwargs.get(name) is not None for name in layout.guide_frame_conds):
+        fixed.add(0)
+    return tuple(sorted(fixed))
+
+
+def _grid_run(run: CATRun, grid: TokenGrid, fixed: tuple[int, ...], device,
+              policy_factory: Callable[[TokenGrid], CATState]) -> GridRun | None:
+    key = grid if not fixed else (grid, fixed)
+    g = run.grids.get(key)
+    if g is not None:
+        return g
+    if not fixed:
+        g = GridRun(policy_factory(grid), grid=grid)
+    else:
+        free_frames = [j for j in range(grid.t) if j not in fixed]
+        if not free_frames:
+            return None
+        per = grid.h * grid.w
+        frame = torch.arange(grid.n, device=device) // per
+        is_fixed = torch.zeros(grid.t, dtype=torch.bool, device=device)
+        is_fixed[list(fixed)] = True
+        g = GridRun(policy_factory(TokenGrid(grid.h, grid.w, len(free_frames))), grid=grid,
+                    fixed=is_fixed[frame].nonzero().flatten(), free=(~is_fixed[frame]).nonzero().flatten())
+    run.grids[key] = g
+    return g
+
+
 def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
-                     token_factor: int, halvings: int, signal_before_merge: bool = True) -> None:
+                     token_factor: int, halvings: int, signal_before_merge: bool = True,
+                     layout: StepLayout | None = None) -> None:
     """The APPLY_MODEL wrapper of CAT patch ``uid`` (``state.data``: a :class:`CATRun`).
 
     ``token_factor``: latent pixels per token side on the selection's grid; ``halvings``: how many
     coarser UNet levels also recompute a carried selection. ``signal_before_merge``: the next
     selection is made from the model's raw output (official), so an unselected token's change
     still shows where the model moved it (UNet conv blocks run every token); False makes it from
-    the merged prediction, in which unselected tokens hold their previous value.
+    the merged prediction, in which unselected tokens hold their previous value. ``layout``:
+    how a video family's latent becomes tokens (None: 4-D latents only, ``token_factor``).
     """
     W = wrapper_kinds()
+    layout = layout or StepLayout(token_factor=token_factor)
 
     def apply_model_wrapper(executor, *args, **kwargs):
         to = transformer_options_of(args, kwargs)
         state = run_state(to, uid)
         x = latent_of(args, kwargs)
-        if state is None or x is None or x.dim() != 4:
+        if state is None or x is None or not (x.dim() == 4 or (x.dim() == 5 and layout.patch is not None)):
             return executor(*args, **kwargs)
         run: CATRun = state.data
-        grid = latent_token_grid(x.shape[-2], x.shape[-1], token_factor)
-        g = run.grids.get(grid)
-        if g is None:
-            g = run.grids[grid] = GridRun(policy_factory(grid))
+        if x.dim() == 5:
+            grid = video_token_grid(x.shape, layout.patch)
+            g = _grid_run(run, grid, _fixed_frames(run, kwargs, layout, grid), x.device, policy_factory)
+        else:
+            grid = latent_token_grid(x.shape[-2], x.shape[-1], layout.token_factor)
+            g = _grid_run(run, grid, (), x.device, policy_factory)
+        if g is None:  # every frame is fixed: nothing to prune
+            return executor(*args, **kwargs)
         chunk = chunk_key(to)
         role = cat_role(state.step, warmup_steps)
         selection = g.selections.get(state.step) if (role == CAT_PRUNED and state.active) else None
@@ -168,12 +251,17 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
         levels = {n: None for n in coarser_token_counts(grid, halvings)}
         if selection is not None:
             levels.update(g.levels.get(state.step, {}))
-        _record(state, grid, selection)
         keep_attn2 = bool((to.get("patches_replace") or {}).get("attn2"))
         if keep_attn2 and selection is not None:
             state.skip("an attn2 replace patch (IPAdapter style) is present, so cross-attention ran on all tokens")
-        with CALL.entered(CATCall(uid, state, chunk, selection, grid.n, levels, keep_attn2)):
+        call = CATCall(uid, state, chunk, selection, grid.n, levels, keep_attn2)
+        with CALL.entered(call):
             out = executor(*args, **kwargs)
+        if call.unplaced and selection is not None:
+            for why in call.unplaced:
+                state.skip(why)
+            selection = None  # the blocks did not prune this call: keep its raw prediction
+        _record(state, grid, selection)
         raw, prev_out = out, g.previous.get(chunk)
         if selection is not None and prev_out is not None and prev_out.shape == out.shape:
             out = cat_core.merge_prediction(out, prev_out, selection, grid)
@@ -212,11 +300,13 @@ def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond
         if state.step + 1 in g.selections or (role == CAT_REFERENCE and policy.reference is not None):
             return
         pred = cat_core.prediction_tokens(out[rows], grid)
+        if g.free is not None:  # the policy's grid: the frames the sampler denoises
+            pred = pred.index_select(1, g.free)
         if role == CAT_REFERENCE:
             policy.set_reference(pred, row=None)
         elif policy.reference is not None:
-            g.selections[state.step + 1] = (policy.first_selection(pred, row=None) if role == CAT_CLUSTER
-                                            else policy.next_selection(pred, row=None))
+            g.selections[state.step + 1] = g.to_blocks(policy.first_selection(pred, row=None) if role == CAT_CLUSTER
+                                                       else policy.next_selection(pred, row=None))
             if halvings > 0:
                 g.levels[state.step + 1] = {lv.n: sel for lv, sel in policy.coarser_selections(halvings)}
 
@@ -225,20 +315,32 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState]
                 family: str, factor: int = 1, max_downsample: int | None = None, *, dit_kv_cache: bool = True,
                 signal_before_merge: bool = True) -> None:
     """Install CAT for ``uid``: the step wrapper plus the block patches of ``family`` ("unet",
-    "mmdit" or "flux"). ``factor``: the UNet level the selection is made on (its
+    or a :func:`.model_info.dit_family` name). ``factor``: the UNet level the selection is made on (its
     highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with
     it (default: that level only). ``policy_factory(grid)`` makes a fresh per-run selection
     policy per token grid. ``dit_kv_cache``, ``signal_before_merge``: the official behaviour;
-    False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`)."""
+    False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`);
+    ``dit_kv_cache`` only chooses on SD3 (Wan, Qwen-Image and LTX-Video always use the K/V
+    cache, Flux, Chroma and HunyuanVideo the residual update)."""
     from .cat_dit import install_cat_dit
+    from .cat_dit_kv import LAYOUTS, install_cat_dit_kv
     from .cat_unet import install_cat_unet
+    from .model_info import dit_patch_size
 
-    token_factor = factor if family == "unet" else 2  # DiTs here patchify 2x2
+    if family == "unet":
+        layout = StepLayout(token_factor=factor)
+    else:
+        patch = dit_patch_size(model)
+        video = family in LAYOUTS or family == "hunyuan_video"
+        layout = StepLayout(token_factor=patch[1], patch=patch if video else None,
+                            guide_frame_conds=("guiding_frame_index",) if family == "hunyuan_video" else ())
     max_downsample = max(max_downsample or factor, factor) if family == "unet" else factor
-    install_cat_step(model, uid, policy_factory, warmup_steps, token_factor,
+    install_cat_step(model, uid, policy_factory, warmup_steps, layout.token_factor,
                      halvings=max_downsample.bit_length() - factor.bit_length(),
-                     signal_before_merge=signal_before_merge)
+                     signal_before_merge=signal_before_merge, layout=layout)
     if family == "unet":
         install_cat_unet(model, uid, max_downsample)
+    elif family in LAYOUTS:
+        install_cat_dit_kv(model, uid, family)
     else:
         install_cat_dit(model, uid, family, kv_cache=dit_kv_cache)

@@ -88,12 +88,47 @@ def max_cache_depth(model) -> int:
 
 
 def dit_family(model) -> str | None:
+    """The DiT block layout of ``model`` by feature detection, or None when no CAT path fits:
+
+    - ``"mmdit"``: SD3/SD3.5 joint blocks; ``"flux"``: Flux double + single blocks;
+      ``"chroma"``: the same blocks without their own modulation (Chroma's approximator feeds
+      every block); ``"hunyuan_video"``: Flux-style blocks with the image stream first in the
+      joint sequence (``flipped_img_txt``), video latents;
+    - ``"wan"``: Wan 2.x attention blocks (``self_attn`` + ``cross_attn`` + ``ffn``);
+      ``"qwen_image"``: Qwen-Image dual-stream blocks (``attn`` with text projections + ``img_mlp``);
+      ``"ltxv"``: LTX-Video blocks (``attn1`` + ``attn2`` + ``ff``): their sub-modules take the
+      rotary table and ``transformer_options`` as arguments (checked on the signature), which
+      the K/V-cache path needs.
+    """
+    from .cat_dit_kv import kv_layout
+
     dm = diffusion_model(model)
     if hasattr(dm, "joint_blocks"):
         return "mmdit"
-    if hasattr(dm, "double_blocks") and hasattr(dm, "single_blocks"):
+    doubles, singles = getattr(dm, "double_blocks", None), getattr(dm, "single_blocks", None)
+    if doubles is not None and singles is not None:
+        if hasattr(dm, "nerf_blocks") or not len(doubles):  # Chroma Radiance: pixel-space head, untested
+            return None
+        first = doubles[0]
+        if getattr(first, "flipped_img_txt", False):
+            return "hunyuan_video"
+        if not getattr(first, "modulation", True):
+            return "chroma"
         return "flux"
-    return None
+    return kv_layout(dm)
+
+
+def dit_patch_size(model) -> tuple[int, int, int]:
+    """``(pt, ph, pw)``: latent frames, rows and columns per DiT token, read from the diffusion
+    model (``patch_size``, or LTX-Video's ``patchifier.patch_size``); 2x2 when it says nothing."""
+    dm = diffusion_model(model)
+    patch = getattr(getattr(dm, "patchifier", None), "patch_size", None)
+    if patch is None:
+        patch = getattr(dm, "patch_size", 2)
+    if isinstance(patch, int):
+        return (1, patch, patch)
+    patch = tuple(int(p) for p in patch)
+    return (1,) + patch if len(patch) == 2 else patch  # type: ignore[return-value]
 
 
 def resolve_max_downsample(model, choice: str) -> tuple[int | None, str | None]:

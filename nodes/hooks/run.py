@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections import OrderedDict
@@ -59,9 +60,11 @@ class RunRecord:
     max_maps: int = 64
 
     def add_map(self, step: int, grid: TokenGrid, codes: torch.Tensor) -> None:
+        """A video grid's frames are stacked top to bottom (``t·h × w``)."""
         if step in self.token_maps or len(self.token_maps) >= self.max_maps:
             return
-        self.token_maps[step] = (grid.h, grid.w, codes.detach().to("cpu", torch.uint8).reshape(grid.h, grid.w))
+        h = grid.t * grid.h
+        self.token_maps[step] = (h, grid.w, codes.detach().to("cpu", torch.uint8).reshape(h, grid.w))
 
 
 class RunState(Generic[D]):
@@ -86,7 +89,7 @@ class RunState(Generic[D]):
         self.sigma: float | None = None
         self.active = True
         self.active_steps: set[int] = set()
-        self.level_stats: dict[tuple[int, int], list[int]] = {}  # (h, w) -> [calls, pruned, tokens]
+        self.level_stats: dict[tuple[int, ...], list[int]] = {}  # (h, w) or (t, h, w) -> [calls, pruned, tokens]
         self.record = RunRecord(method=method, total_steps=self.total_steps)
         self.data: D | None = None  # the method's own per-run state
         self.skipped: dict[str, int] = {}  # reason -> block calls left alone (one warning per run)
@@ -118,7 +121,7 @@ class RunState(Generic[D]):
         self.step = i + 1
 
     def count(self, grid: TokenGrid, pruned: int) -> None:
-        s = self.level_stats.setdefault((grid.h, grid.w), [0, 0, 0])
+        s = self.level_stats.setdefault(grid.dims, [0, 0, 0])
         s[0] += 1
         s[1] += pruned
         s[2] += grid.n
@@ -128,8 +131,9 @@ class RunState(Generic[D]):
         if not self.level_stats:
             return "no tokens pruned"
         parts = []
-        for (h, w), (calls, pruned, tokens) in sorted(self.level_stats.items(), key=lambda kv: -kv[0][0] * kv[0][1]):
-            parts.append(f"{h}x{w}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} {unit}")
+        for dims, (calls, pruned, tokens) in sorted(self.level_stats.items(), key=lambda kv: -math.prod(kv[0])):
+            name = "x".join(str(d) for d in dims)
+            parts.append(f"{name}: {pruned // max(calls, 1)}/{tokens // max(calls, 1)} tokens pruned in {calls} {unit}")
         return "; ".join(parts)
 
 

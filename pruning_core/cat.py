@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cluster import (DEFAULT_FEATURE_WEIGHT, cluster_adjacency, cluster_max_pool, rank_within_groups,
-                      smooth_over_clusters, spatial_clusters)
+from .cluster import (DEFAULT_FEATURE_WEIGHT, cluster_adjacency, cluster_max_pool, group_counts,
+                      rank_within_groups, smooth_over_clusters, spatial_clusters)
 from .geometry import TokenGrid
 
 #: First selection: each cluster gives at most ``⌊S / FIRST_QUOTA_DIV⌋`` tokens (official 10).
@@ -229,7 +229,7 @@ def later_selection(g: torch.Tensor, freq: torch.Tensor, labels: torch.Tensor,
         mult = torch.ones(k, dtype=torch.long, device=g.device)
         for r, m in enumerate(TOP_CLUSTER_MULTIPLIERS[:k]):
             mult[r] = m
-        sizes = torch.bincount(labels, minlength=k)
+        sizes = group_counts(labels, k)
         quota = torch.minimum(base_quota * mult[cluster_position], sizes)[labels]  # per token
         by_g = _by_change(g)
         rank_g = rank_within_groups(by_g, labels, k)

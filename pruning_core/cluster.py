@@ -93,6 +93,17 @@ def _sq_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
+def group_counts(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``[n_groups]`` long: how many elements of ``groups`` (values in ``[0, n_groups)``) fall in each.
+
+    What ``torch.bincount(groups, minlength=n_groups)`` returns, without its host sync: on CUDA
+    bincount reads the input's minimum and maximum back to the host to size its output, even
+    when ``minlength`` fixes it.
+    """
+    counts = torch.zeros(n_groups, dtype=torch.long, device=groups.device)
+    return counts.scatter_add_(0, groups, torch.ones_like(groups, dtype=torch.long))
+
+
 def rank_within_groups(order: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Rank of every element inside its group, following a global preference ``order``.
 
@@ -103,7 +114,7 @@ def rank_within_groups(order: torch.Tensor, groups: torch.Tensor, n_groups: int)
     n = order.numel()
     grouped = torch.sort(groups[order], stable=True)  # group-major, preference order inside
     members = order[grouped.indices]
-    counts = torch.bincount(groups, minlength=n_groups)
+    counts = group_counts(groups, n_groups)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.arange(n, device=order.device) - starts[grouped.values]
     rank = torch.empty_like(pos)
@@ -130,7 +141,7 @@ def _fill_empty_clusters(labels: torch.Tensor, dist: torch.Tensor, k: int) -> to
     donors = torch.topk(torch.where(spare, farness, -1), k).indices  # farthest spare first
     donor_rank = torch.full_like(labels, k)
     donor_rank[donors] = torch.arange(k, device=labels.device)
-    empty = torch.bincount(labels, minlength=k) == 0
+    empty = group_counts(labels, k) == 0
     empty_ids = torch.argsort((~empty).long(), stable=True)  # empty clusters first
     # The r-th donor moves to the r-th empty cluster; computed per token, so no scatter
     # collisions and the number of empty clusters is never read back to the host.
@@ -153,7 +164,7 @@ def _init_centroids(x: torch.Tensor, k: int, generator: torch.Generator | None,
         raise ValueError(f"unknown k-means init {init!r} (use 'kmeans++' or 'random')")
     first = (u[0] * n).long().clamp_(0, n - 1)
     centroids = x.new_empty(k, x.shape[1])
-    centroids[0] = x[first]
+    centroids[0:1] = x.index_select(0, first.reshape(1))  # x[first] would read the 0-d index back to the host
     closest = _sq_distances(x, centroids[:1]).squeeze(1)
     # k ≤ a few dozen: a loop over centroids (never over tokens). Inverse-CDF sampling on D².
     for j in range(1, k):
@@ -163,7 +174,7 @@ def _init_centroids(x: torch.Tensor, k: int, generator: torch.Generator | None,
         target = torch.where(total > 0, u[j] * total, u[j] * n)
         cdf = torch.where(total > 0, cdf, torch.arange(1, n + 1, device=x.device, dtype=cdf.dtype))
         pick = torch.searchsorted(cdf, target[None], right=True).clamp_(0, n - 1)
-        centroids[j] = x[pick[0]]
+        centroids[j:j + 1] = x.index_select(0, pick)
         closest = torch.minimum(closest, _sq_distances(x, centroids[j:j + 1]).squeeze(1))
     return centroids
 

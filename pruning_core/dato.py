@@ -81,9 +81,11 @@ def dato_plan(x: torch.Tensor, grid: TokenGrid, cfg: DaToConfig, dynamics: torch
     else:
         d = resize_token_map(dynamics.to(x.device), dynamics_grid, grid)
         gamma = cfg.dynamics_weight
-        if cfg.sign_flip and torch.rand((), generator=generator, device=gen_device).item() < 0.5:
-            gamma = -gamma
-        score = gamma * d
+        if cfg.sign_flip:  # the coin stays on the device: reading it back would stall a GPU per block call
+            flip = torch.rand((), generator=generator, device=gen_device).to(x.device) < 0.5
+            score = torch.where(flip, -gamma, gamma) * d
+        else:
+            score = gamma * d
         if cfg.noise_alpha:
             score = score + cfg.noise_alpha * torch.randn(score.shape, generator=generator, device=gen_device).to(x.device)
         base = select_base_tokens(score, grid, cfg.sy, cfg.sx)

@@ -150,7 +150,9 @@ def _local_layout(grid: TokenGrid, sy: int, sx: int, radius: int, device: torch.
     rows = torch.arange(grid.h, device=device)
     cols = torch.arange(grid.w, device=device)
     outside = ((rows[:, None] >= wy * sy) | (cols[None, :] >= wx * sx)).reshape(-1)
-    border = outside.nonzero().squeeze(1)
+    # the border tokens in increasing order, as nonzero() gives them, but with a count known from
+    # the grid: nonzero's data-dependent size would make a GPU wait for the host
+    border = outside.to(torch.uint8).argsort(descending=True, stable=True)[: grid.n - wy * sy * wx * sx]
     home = ((rows[:, None] // sy).clamp(max=wy - 1) * wx + (cols[None, :] // sx).clamp(max=wx - 1)).reshape(-1)
     return members, neighbours, valid, border, home[border]
 

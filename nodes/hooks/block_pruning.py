@@ -133,8 +133,7 @@ def _pruned_ff(original, plans: _BlockPlans):
 
 def plan_codes(plan: PrunePlan) -> torch.Tensor:
     """Row 0 of a plan as a token map: 0 kept, 1 base, 2 pruned."""
-    codes = torch.zeros(plan.n_tokens, dtype=torch.uint8, device=plan.kept.device)
-    codes[plan.pruned_mask()[0]] = 2
+    codes = plan.pruned_mask()[0].to(torch.uint8) * 2  # arithmetic, not a boolean-mask write (a host sync)
     if plan.base is not None:
-        codes[plan.base[0]] = 1
+        codes.index_fill_(0, plan.base[0], 1)
     return codes

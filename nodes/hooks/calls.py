@@ -53,6 +53,14 @@ def cond_rows(batch: int, cond_or_uncond) -> list[int]:
     return [i * per + r for i, c in enumerate(cond_or_uncond) if c == 0 for r in range(per)]
 
 
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``x[rows]`` along the batch: the tensor itself or a slice when the rows are one run
+    (a CFG batch's cond half), so that no index list is copied to the device (a host sync on a GPU)."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return x if len(rows) == x.shape[0] else x[rows[0]:rows[0] + len(rows)]
+    return x[rows]
+
+
 def transformer_options_of(args, kwargs) -> dict:
     """``transformer_options`` of a wrapped model call (keyword, else the last dict argument)."""
     to = kwargs.get("transformer_options")

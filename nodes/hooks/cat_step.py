@@ -25,7 +25,7 @@ import torch
 from ...pruning_core import cat as cat_core
 from ...pruning_core.cat import CATState
 from ...pruning_core.geometry import TokenGrid, coarser_token_counts, latent_token_grid, video_token_grid
-from .calls import CallSlot, chunk_key, cond_rows, latent_of, transformer_options_of
+from .calls import CallSlot, chunk_key, cond_rows, latent_of, take_rows, transformer_options_of
 from .patching import add_wrapper, wrapper_kinds
 from .run import RunState, run_state
 
@@ -299,7 +299,7 @@ def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond
     with state._lock:  # cond batches may run in threads (multi-GPU): one selection per step
         if state.step + 1 in g.selections or (role == CAT_REFERENCE and policy.reference is not None):
             return
-        pred = cat_core.prediction_tokens(out[rows], grid)
+        pred = cat_core.prediction_tokens(take_rows(out, rows), grid)
         if g.free is not None:  # the policy's grid: the frames the sampler denoises
             pred = pred.index_select(1, g.free)
         if role == CAT_REFERENCE:

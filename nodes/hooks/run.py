@@ -64,7 +64,20 @@ class RunRecord:
         if step in self.token_maps or len(self.token_maps) >= self.max_maps:
             return
         h = grid.t * grid.h
-        self.token_maps[step] = (h, grid.w, codes.detach().to("cpu", torch.uint8).reshape(h, grid.w))
+        self.token_maps[step] = (h, grid.w, codes.detach().to(torch.uint8).reshape(h, grid.w))
+
+    def to_host(self) -> None:
+        """Move the maps to the CPU, one copy per map size, when the run ends (``add_map`` keeps
+        them on the model's device: a copy to the host there would make the GPU wait, once per
+        step, inside a transformer block)."""
+        by_size: dict[tuple, list[int]] = {}
+        for step, (h, w, codes) in self.token_maps.items():
+            if codes.device.type != "cpu":
+                by_size.setdefault((h, w, codes.device), []).append(step)
+        for (h, w, _), steps in by_size.items():
+            host = torch.stack([self.token_maps[s][2] for s in steps]).cpu()
+            for s, codes in zip(steps, host):
+                self.token_maps[s] = (h, w, codes)
 
 
 class RunState(Generic[D]):
@@ -155,6 +168,7 @@ def last_records(model) -> list[tuple[str, RunRecord]]:
 
 
 def _store_record(uid: str, record: RunRecord) -> None:
+    record.to_host()
     _RECORDS[uid] = record
     _RECORDS.move_to_end(uid)
     while len(_RECORDS) > _RECORDS_MAX:
@@ -181,7 +195,7 @@ def install_run_lifecycle(model, uid: str, method: str, start_percent: float, en
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
         sampling = guider.model_patcher.get_model_object("model_sampling")
-        state = RunState(uid, method, [float(s) for s in sigmas.reshape(-1).cpu()],
+        state = RunState(uid, method, sigmas.reshape(-1).tolist(),  # one copy to the host per run
                          start_sigma=float(sampling.percent_to_sigma(start_percent)),
                          end_sigma=float(sampling.percent_to_sigma(end_percent)), seed=seed)
         to = guider.model_options.setdefault("transformer_options", {})

@@ -133,6 +133,169 @@ def txt2img(g: Graph, ckpt: str, size: int, steps: int, patch: tuple[str, dict] 
     return ids
 
 
+def dit_pipeline(g: Graph, spec: dict) -> dict:
+    """The loaders of a DiT family (diffusion model, text encoder(s), VAE: how ComfyUI's own
+    templates load them), its latent node, optional model-sampling and conditioning nodes, CAT,
+    KSampler, VAE decode and a save node; returns the node ids. ``spec`` keys: ``unet`` (file,
+    or ``checkpoint`` with the VAE inside), ``clip`` ((files...), type), ``vae``, ``latent``
+    (type, widgets), ``sampling`` (type, widgets) or None, ``guidance`` (FluxGuidance value) or
+    None, ``ltxv_conditioning`` (frame rate) or None, ``start_image`` (the latent node takes a
+    start image and a VAE), ``steps``, ``cfg``, ``sampler``, ``scheduler``, ``save`` ("image" or
+    "video"), ``prefix``. Nodes are stacked in columns by their sizes, so none overlaps another."""
+    ids: dict = {}
+    tops = {0: 0, 360: 0, 800: 0}  # next free y of each column
+
+    def put(column: int, type_: str, widgets: dict | None, size: tuple) -> int:
+        nid = g.add(type_, widgets, pos=(column, tops[column]), size=size)
+        tops[column] += g.height(nid) + TITLE_AND_GAP
+        return nid
+
+    if "checkpoint" in spec:
+        ids["model"] = put(0, "CheckpointLoaderSimple", {"ckpt_name": spec["checkpoint"]}, (320, 100))
+        model, vae = (ids["model"], 0), (ids["model"], 2)
+    else:
+        ids["model"] = put(0, "UNETLoader", {"unet_name": spec["unet"]}, (320, 90))
+        model = (ids["model"], 0)
+    files, clip_type = spec["clip"]
+    if len(files) == 1:
+        ids["clip"] = put(0, "CLIPLoader", {"clip_name": files[0], "type": clip_type}, (320, 110))
+    else:
+        ids["clip"] = put(0, "DualCLIPLoader", {"clip_name1": files[0], "clip_name2": files[1], "type": clip_type},
+                          (320, 130))
+    if "checkpoint" not in spec:
+        ids["vae"] = put(0, "VAELoader", {"vae_name": spec["vae"]}, (320, 60))
+        vae = (ids["vae"], 0)
+    if spec.get("sampling") is not None:
+        ids["sampling"] = put(360, spec["sampling"][0], spec["sampling"][1], (340, 60))
+        g.link(*model, ids["sampling"], "model")
+        model = (ids["sampling"], 0)
+    ids["patch"] = put(360, CAT[0], CAT[1], (340, 120))
+    g.link(*model, ids["patch"], "model")
+    model = (ids["patch"], 0)
+    ids["pos"] = put(360, "CLIPTextEncode", {"text": spec.get("positive", POSITIVE)}, (400, 160))
+    ids["neg"] = put(360, "CLIPTextEncode", {"text": spec.get("negative", NEGATIVE)}, (400, 160))
+    g.link(ids["clip"], 0, ids["pos"], "clip")
+    g.link(ids["clip"], 0, ids["neg"], "clip")
+    positive, negative = (ids["pos"], 0), (ids["neg"], 0)
+    if spec.get("guidance") is not None:
+        ids["guidance"] = put(800, "FluxGuidance", {"guidance": spec["guidance"]}, (300, 60))
+        g.link(*positive, ids["guidance"], "conditioning")
+        positive = (ids["guidance"], 0)
+    if spec.get("ltxv_conditioning") is not None:
+        ids["ltxv"] = put(800, "LTXVConditioning", {"frame_rate": spec["ltxv_conditioning"]}, (300, 80))
+        g.link(*positive, ids["ltxv"], "positive")
+        g.link(*negative, ids["ltxv"], "negative")
+        positive, negative = (ids["ltxv"], 0), (ids["ltxv"], 1)
+    latent_type, latent_widgets = spec["latent"]
+    ids["latent"] = put(800, latent_type, latent_widgets, (320, 130))
+    if spec.get("start_image"):
+        ids["image"] = put(800, "LoadImage", {"image": "example.png"}, (320, 320))
+        g.link(ids["image"], 0, ids["latent"], "start_image")
+        g.link(*vae, ids["latent"], "vae")
+    ids["sampler"] = g.add("KSampler", {"seed": 42, "steps": spec["steps"], "cfg": spec["cfg"],
+                                        "sampler_name": spec.get("sampler", "euler"),
+                                        "scheduler": spec.get("scheduler", "simple"), "denoise": 1.0},
+                           pos=(1160, 0), size=(320, 270))
+    g.link(*model, ids["sampler"], "model")
+    g.link(*positive, ids["sampler"], "positive")
+    g.link(*negative, ids["sampler"], "negative")
+    g.link(ids["latent"], 0, ids["sampler"], "latent_image")
+    ids["decode"] = g.add("VAEDecode", {}, pos=(1520, 0), size=(220, 50))
+    g.link(ids["sampler"], 0, ids["decode"], "samples")
+    g.link(*vae, ids["decode"], "vae")
+    if spec["save"] == "video":
+        ids["save"] = g.add("SaveAnimatedWEBP", {"filename_prefix": spec["prefix"], "fps": spec.get("fps", 16.0)},
+                            pos=(1780, 0), size=(320, 380))
+    else:
+        ids["save"] = g.add("SaveImage", {"filename_prefix": spec["prefix"]}, pos=(1780, 0), size=(320, 320))
+    g.link(ids["decode"], 0, ids["save"], "images")
+    ids["note_y"] = tops[0]
+    return ids
+
+
+# The DiT families of docs/dit-families.md, with the file names and settings of ComfyUI's own
+# example workflows (docs.comfy.org / comfyanonymous.github.io/ComfyUI_examples).
+DIT_WORKFLOWS = {
+    "wan21_t2v_cat": {
+        "unet": "wan2.1_t2v_1.3B_fp16.safetensors", "clip": (["umt5_xxl_fp8_e4m3fn_scaled.safetensors"], "wan"),
+        "vae": "wan_2.1_vae.safetensors", "sampling": ("ModelSamplingSD3", {"shift": 8.0}),
+        "latent": ("EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1}),
+        "steps": 30, "cfg": 6.0, "sampler": "uni_pc", "scheduler": "simple", "save": "video", "fps": 16.0,
+        "positive": "a fox running through a snowy forest, morning light, cinematic",
+        "negative": "blurry, static, low quality, watermark",
+    },
+    "wan22_ti2v_5b_i2v_cat": {
+        "unet": "wan2.2_ti2v_5B_fp16.safetensors", "clip": (["umt5_xxl_fp8_e4m3fn_scaled.safetensors"], "wan"),
+        "vae": "wan2.2_vae.safetensors", "sampling": ("ModelSamplingSD3", {"shift": 8.0}),
+        "latent": ("Wan22ImageToVideoLatent", {"width": 1280, "height": 704, "length": 41, "batch_size": 1}),
+        "start_image": True, "steps": 30, "cfg": 5.0, "sampler": "uni_pc", "scheduler": "simple",
+        "save": "video", "fps": 24.0, "positive": "the lighthouse beam sweeps over the waves as the clouds drift",
+        "negative": "blurry, static, low quality, watermark",
+    },
+    "qwen_image_cat": {
+        "unet": "qwen_image_fp8_e4m3fn.safetensors", "clip": (["qwen_2.5_vl_7b_fp8_scaled.safetensors"], "qwen_image"),
+        "vae": "qwen_image_vae.safetensors", "sampling": ("ModelSamplingAuraFlow", {"shift": 3.1}),
+        "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        "steps": 50, "cfg": 2.5, "sampler": "euler", "scheduler": "simple", "save": "image",
+    },
+    "chroma_cat": {
+        "unet": "chroma-unlocked-v50.safetensors", "clip": (["t5xxl_fp8_e4m3fn.safetensors"], "chroma"),
+        "vae": "ae.safetensors",
+        "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        "steps": 30, "cfg": 4.0, "sampler": "euler", "scheduler": "beta", "save": "image",
+    },
+    "hunyuan_video_cat": {
+        "unet": "hunyuan_video_t2v_720p_bf16.safetensors",
+        "clip": (["clip_l.safetensors", "llava_llama3_fp8_scaled.safetensors"], "hunyuan_video"),
+        "vae": "hunyuan_video_vae_bf16.safetensors", "sampling": ("ModelSamplingSD3", {"shift": 7.0}),
+        "guidance": 6.0, "latent": ("EmptyHunyuanLatentVideo", {"width": 848, "height": 480, "length": 49, "batch_size": 1}),
+        "steps": 30, "cfg": 1.0, "sampler": "euler", "scheduler": "simple", "save": "video", "fps": 24.0,
+        "positive": "a paper boat drifting down a rainy street gutter, close-up, cinematic",
+    },
+    "ltxv_cat": {
+        "checkpoint": "ltx-video-2b-v0.9.5.safetensors", "clip": (["t5xxl_fp16.safetensors"], "ltxv"),
+        "ltxv_conditioning": 25.0,
+        "latent": ("EmptyLTXVLatentVideo", {"width": 768, "height": 512, "length": 97, "batch_size": 1}),
+        "steps": 30, "cfg": 3.0, "sampler": "euler", "scheduler": "simple", "save": "video", "fps": 24.0,
+        "positive": "waves crashing against a rocky shore at dusk, slow camera pan",
+    },
+}
+
+def dit_model_files() -> dict[str, set[str]]:
+    """{ComfyUI model folder: file names} the DiT workflows load (the end-to-end tests list
+    placeholders under these names: these families' files cannot be generated here)."""
+    out: dict[str, set[str]] = {}
+    for spec in DIT_WORKFLOWS.values():
+        if "checkpoint" in spec:
+            out.setdefault("checkpoints", set()).add(spec["checkpoint"])
+        else:
+            out.setdefault("diffusion_models", set()).add(spec["unet"])
+            out.setdefault("vae", set()).add(spec["vae"])
+        out.setdefault("text_encoders", set()).update(spec["clip"][0])
+    return out
+
+
+NOTES_DIT = ("CAT Pruning on {family} (docs/dit-families.md). keep_ratio 0.3: after 6 warm-up steps, a reference and a "
+             "clustering step, each step recomputes 30% of the latent's tokens (on video: frames x height x width "
+             "tokens, clusters spanning frames); {path}. {extra}Pruning starts at step 8: use 30-50 steps. The "
+             "model files are those of ComfyUI's example workflows; load them or pick yours in the loaders.")
+DIT_NOTES = {
+    "wan21_t2v_cat": ("Wan 2.1 (also 2.2 A14B: one CAT node per model of the two samplers)",
+                      "official K/V cache: the selected tokens attend to every token's cached keys and values",
+                      "The text is never pruned. Memory: the caches hold 5 tensors per block (see the docs). "),
+    "wan22_ti2v_5b_i2v_cat": ("Wan 2.2 TI2V 5B, image to video", "official K/V cache",
+                              "The start frame (denoise mask 0) is computed on every step, like the text. "),
+    "qwen_image_cat": ("Qwen-Image", "official K/V cache in the joint attention",
+                       "Qwen-Image-Edit's reference latents are always computed. "),
+    "chroma_cat": ("Chroma", "residual update (as Flux): the block runs on the selected tokens, the others reuse "
+                   "their last update", ""),
+    "hunyuan_video_cat": ("HunyuanVideo", "residual update (as Flux)",
+                          "Image-to-video v2: the guiding frame is computed on every step. "),
+    "ltxv_cat": ("LTX-Video", "official K/V cache",
+                 "Image-to-video and guide frames (denoise mask 0) are computed on every step. "),
+}
+
+
 SITO = ("SiToTokenPruning", {"prune_ratio": 0.5})
 DATO = ("DaToPruneCache", {"prune_ratio": 0.4, "schedule": "dato_official"})
 CAT = ("CATPruneCache", {"keep_ratio": 0.3, "warmup_steps": 6})
@@ -201,6 +364,14 @@ def build_all(info: dict) -> dict[str, dict]:
     txt2img(g, SD15, 512, 20, SITO, "sito", y=800, shared=ids)  # same loader, prompts and VAE
     g.add("Note", {"text": NOTES["side"]}, pos=(0, 160), size=(320, 200))
     out["sd15_side_by_side_sito"] = g.ui()
+
+    for name, spec in DIT_WORKFLOWS.items():
+        g = Graph(info)
+        ids = dit_pipeline(g, {**spec, "prefix": name})
+        family, path, extra = DIT_NOTES[name]
+        g.add("Note", {"text": NOTES_DIT.format(family=family, path=path, extra=extra)}, pos=(0, ids["note_y"]),
+              size=(320, 300))
+        out[name] = g.ui()
     return out
 
 

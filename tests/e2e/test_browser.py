@@ -44,6 +44,7 @@ import pytest
 
 from comfy_server import ComfyServer
 from make_checkpoint import make_checkpoint
+from make_workflows import dit_model_files
 from workflow_convert import FRONTEND_ONLY, load, to_api, widget_inputs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -225,9 +226,18 @@ def server(comfy_dir, tmp_path_factory):
     ckpt_dir = base / "models" / "checkpoints"
     ckpt_dir.mkdir(parents=True)
     for name, arch in _checkpoint_names().items():
-        (ckpt_dir / name).symlink_to(generated / CKPTS[arch])
+        if name not in dit_model_files().get("checkpoints", ()):
+            (ckpt_dir / name).symlink_to(generated / CKPTS[arch])
+    # the DiT workflows' model files (they cannot be generated here): empty placeholders, so
+    # that their loaders' combos list them as a user's install would
+    kinds = {"checkpoints"}
+    for kind, names in dit_model_files().items():
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        kinds.add(kind)
+        for name in names:
+            (base / "models" / kind / name).write_bytes(b"")
     (base / "extra_model_paths.yaml").write_text(
-        f"tpc_browser_test:\n  base_path: {base / 'models'}\n  checkpoints: checkpoints\n")
+        f"tpc_browser_test:\n  base_path: {base / 'models'}\n" + "".join(f"  {k}: {k}\n" for k in sorted(kinds)))
     user_dir = base / "user"
     (user_dir / "default").mkdir(parents=True)
     (user_dir / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))

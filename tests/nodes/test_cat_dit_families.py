@@ -623,3 +623,21 @@ def test_wan_reference_latent_tokens_run_those_steps_in_full(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "reference_latent" in warnings[0], warnings
     assert summaries(caplog) == [(0, 4, 4, "wan")]
+
+
+def test_an_unsupported_dit_passes_through_with_one_warning_naming_it(caplog):
+    """A DiT the node has no path for (Lumina 2's NextDiT) is returned unchanged with one warning
+    that names its class, and samples as before."""
+    import comfy.supported_models
+    from tiny_models import _config, _wrap
+
+    cfg = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 256,
+           "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 4, "n_kv_heads": 4,
+           "axes_dims": [16, 24, 24], "axes_lens": [300, 512, 512], "rope_theta": 10000.0, "ffn_dim_multiplier": 4.0}
+    m = _wrap(_config(comfy.supported_models.Lumina2, cfg, torch.float32).get_model({}), 0)
+    options_before = repr(m.model_options)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        out = apply_cat(m, keep_ratio=0.3)
+    assert out is m and repr(m.model_options) == options_before and not m.object_patches
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "NextDiT" in warnings[0] and "unchanged" in warnings[0], warnings

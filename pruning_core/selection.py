@@ -12,6 +12,7 @@ where the spacing above 1024 is ≥ 1 and its noise term vanished).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -68,8 +69,7 @@ def select_base_tokens(score: torch.Tensor, grid: TokenGrid, sy: int, sx: int) -
     s = score.reshape(b, grid.h, grid.w)[:, : wy * sy, : wx * sx]
     s = s.reshape(b, wy, sy, wx, sx).permute(0, 1, 3, 2, 4).reshape(b, wy * wx, sy * sx)
     local = s.argmax(dim=-1)  # [B, M] member index inside the window
-    members = window_member_offsets(grid, sy, sx, device=score.device)
-    return window_base_offsets(grid, sy, sx, device=score.device)[None, :] + members[local]
+    return _member_tokens(local, grid, sy, sx)
 
 
 def random_base_tokens(batch: int, grid: TokenGrid, sy: int, sx: int, generator: torch.Generator | None,
@@ -77,9 +77,32 @@ def random_base_tokens(batch: int, grid: TokenGrid, sy: int, sx: int, generator:
     """One uniformly random base token per window (ToMe-style anchors), ``[B, M]``."""
     m = grid.window_count(sy, sx)
     local = torch.randint(0, sy * sx, (batch, m), generator=generator, device=generator.device if generator is not None else device)
-    local = local.to(device)
-    members = window_member_offsets(grid, sy, sx, device=device)
-    return window_base_offsets(grid, sy, sx, device=device)[None, :] + members[local]
+    return _member_tokens(local.to(device), grid, sy, sx)
+
+
+# Index tables that depend on the grid only are built once per (grid, window, device) and cached:
+# a sampling run calls the planners with the same few grids in every block, and on a GPU each
+# table would otherwise cost a handful of kernel launches per block call.
+
+@lru_cache(maxsize=64)
+def _window_members(grid: TokenGrid, sy: int, sx: int, device: torch.device) -> torch.Tensor:
+    """``[M, P]``: flat token ids of every whole window's members, windows and members row-major."""
+    return window_base_offsets(grid, sy, sx, device)[:, None] + window_member_offsets(grid, sy, sx, device)[None, :]
+
+
+@lru_cache(maxsize=64)
+def _home_windows(grid: TokenGrid, sy: int, sx: int, device: torch.device) -> torch.Tensor:
+    """``[N]``: the window of every token; tokens of leftover border rows/columns belong to the nearest one."""
+    wy, wx = grid.windows(sy, sx)
+    rows = (torch.arange(grid.h, device=device) // sy).clamp(max=wy - 1)
+    cols = (torch.arange(grid.w, device=device) // sx).clamp(max=wx - 1)
+    return (rows[:, None] * wx + cols[None, :]).reshape(-1)
+
+
+def _member_tokens(local: torch.Tensor, grid: TokenGrid, sy: int, sx: int) -> torch.Tensor:
+    """``[B, M]`` member index inside each window → flat token ids (one gather from the cached table)."""
+    members = _window_members(grid, sy, sx, local.device)
+    return members.unsqueeze(0).expand(local.shape[0], -1, -1).gather(2, local.unsqueeze(-1)).squeeze(-1)
 
 
 def plan_by_similarity_to_base(xn: torch.Tensor, base: torch.Tensor, n_pruned: int) -> PrunePlan:
@@ -120,27 +143,36 @@ def plan_random(batch: int, grid: TokenGrid, n_pruned: int, sy: int, sx: int,
     noise = torch.rand(batch, n, generator=generator, device=generator.device if generator is not None else device).to(device)
     noise.scatter_(1, base, float("-inf"))
     order = noise.argsort(dim=1, descending=True)
-    wy, wx = grid.windows(sy, sx)
-    rows = (torch.arange(grid.h, device=device) // sy).clamp(max=wy - 1)
-    cols = (torch.arange(grid.w, device=device) // sx).clamp(max=wx - 1)
-    window_of = (rows[:, None] * wx + cols[None, :]).reshape(-1)
+    window_of = _home_windows(grid, sy, sx, torch.device(device))
     stand_in = base.gather(1, window_of.expand(batch, -1))
     plan = plan_from_order(order, n_pruned, stand_in)
     plan.base = base
     return plan
 
 
-@lru_cache(maxsize=64)
-def _local_layout(grid: TokenGrid, sy: int, sx: int, radius: int, device: torch.device):
-    """Index tables for :func:`plan_by_local_similarity` (depend on the grid only, so cached).
+@dataclass(frozen=True)
+class LocalLayout:
+    """Index tables of :func:`plan_by_local_similarity` for one grid (cached by :func:`_local_layout`)."""
 
-    Returns ``(members [M, P], neighbours [M, K], valid [M, K], border [E], border_home [E])``:
+    members: torch.Tensor  # [M, P] flat token ids of each whole window's members
+    neighbours: torch.Tensor  # [M, K] flat window ids of each window's K = (2r+1)² neighbourhood
+    valid: torch.Tensor  # [M, K] False where a neighbour lies outside the grid (a clamped duplicate)
+    invalid: torch.Tensor  # [M, 1, K] ~valid, shaped for masking a [B, M, P, K] similarity
+    border: torch.Tensor  # [E] tokens of the leftover border rows/columns, increasing
+    border_home: torch.Tensor  # [E] the window each belongs to (the nearest one)
+    border_neighbours: torch.Tensor  # [E, K] neighbours[border_home]
+    border_invalid: torch.Tensor  # [1, E, K] ~valid[border_home]
+
+
+@lru_cache(maxsize=64)
+def _local_layout(grid: TokenGrid, sy: int, sx: int, radius: int, device: torch.device) -> LocalLayout:
+    """Index tables for :func:`plan_by_local_similarity` (depend on the grid only, so cached):
     flat token ids of each whole window's members, the flat window ids of each window's
     ``K = (2r+1)²`` neighbourhood (``valid`` False outside the grid), and the tokens of the
     leftover border rows/columns with the window they belong to (the nearest one).
     """
     wy, wx = grid.windows(sy, sx)
-    members = window_base_offsets(grid, sy, sx, device)[:, None] + window_member_offsets(grid, sy, sx, device)[None, :]
+    members = _window_members(grid, sy, sx, device)
     span = torch.arange(-radius, radius + 1, device=device)
     ny = torch.arange(wy, device=device)[:, None, None, None] + span[None, None, :, None]
     nx = torch.arange(wx, device=device)[None, :, None, None] + span[None, None, None, :]
@@ -153,8 +185,9 @@ def _local_layout(grid: TokenGrid, sy: int, sx: int, radius: int, device: torch.
     # the border tokens in increasing order, as nonzero() gives them, but with a count known from
     # the grid: nonzero's data-dependent size would make a GPU wait for the host
     border = outside.to(torch.uint8).argsort(descending=True, stable=True)[: grid.n - wy * sy * wx * sx]
-    home = ((rows[:, None] // sy).clamp(max=wy - 1) * wx + (cols[None, :] // sx).clamp(max=wx - 1)).reshape(-1)
-    return members, neighbours, valid, border, home[border]
+    border_home = _home_windows(grid, sy, sx, device)[border]
+    return LocalLayout(members, neighbours, valid, (~valid)[:, None, :], border, border_home,
+                       neighbours[border_home], (~valid)[border_home][None])
 
 
 def plan_by_local_similarity(xn: torch.Tensor, base: torch.Tensor, grid: TokenGrid, sy: int, sx: int,
@@ -170,27 +203,29 @@ def plan_by_local_similarity(xn: torch.Tensor, base: torch.Tensor, grid: TokenGr
     checks against the global search.
     """
     b, n, c = xn.shape
-    members, neighbours, valid, border, border_home = _local_layout(grid, sy, sx, radius, xn.device)
+    layout = _local_layout(grid, sy, sx, radius, xn.device)
+    members, neighbours, border = layout.members, layout.neighbours, layout.border
     m, p = members.shape
     base_xn = xn.gather(1, base.unsqueeze(-1).expand(-1, -1, c))  # [B, M, C], window order
     # index_select, not advanced indexing: several times faster on CPU for these gathers
     cand = base_xn.index_select(1, neighbours.reshape(-1)).reshape(b, m, -1, c)  # [B, M, K, C]
     tokens = xn.index_select(1, members.reshape(-1)).reshape(b, m, p, c)  # [B, M, P, C]
     sim = torch.matmul(tokens, cand.transpose(-1, -2))  # [B, M, P, K]
-    best_w, arg_w = torch.where(valid[:, None, :], sim, float("-inf")).max(dim=-1)  # [B, M, P]
-    near_w = neighbours[torch.arange(m, device=xn.device)[None, :, None], arg_w]  # [B, M, P] window ids
+    best_w, arg_w = sim.masked_fill_(layout.invalid, float("-inf")).max(dim=-1)  # [B, M, P]
+    near_w = neighbours.unsqueeze(0).expand(b, -1, -1).gather(2, arg_w)  # [B, M, P] window ids
     best = torch.empty(b, n, dtype=sim.dtype, device=xn.device)
     nearest_window = torch.empty(b, n, dtype=torch.long, device=xn.device)
     flat = members.reshape(-1)
     best.index_copy_(1, flat, best_w.reshape(b, -1))
     nearest_window.index_copy_(1, flat, near_w.reshape(b, -1))
     if border.numel():
-        nb = neighbours[border_home]  # [E, K]
+        nb = layout.border_neighbours  # [E, K]
         cand_e = base_xn.index_select(1, nb.reshape(-1)).reshape(b, border.numel(), -1, c)
         sim_e = (xn.index_select(1, border).unsqueeze(2) * cand_e).sum(-1)
-        best_e, arg_e = torch.where(valid[border_home][None], sim_e, float("-inf")).max(dim=-1)
+        best_e, arg_e = sim_e.masked_fill_(layout.border_invalid, float("-inf")).max(dim=-1)
         best.index_copy_(1, border, best_e)
-        nearest_window.index_copy_(1, border, nb[torch.arange(border.numel(), device=xn.device)[None, :], arg_e])
+        nearest_window.index_copy_(1, border, nb.unsqueeze(0).expand(b, -1, -1).gather(2, arg_e.unsqueeze(-1))
+                                   .squeeze(-1))
     best.scatter_(1, base, float("-inf"))  # base tokens are never pruned
     order = best.argsort(dim=1, descending=True)
     plan = plan_from_order(order, n_pruned, base.gather(1, nearest_window))
@@ -206,7 +241,8 @@ def _kept_candidate_layout(grid: TokenGrid, sy: int, sx: int, radius: int, devic
     members, the tokens of its ``K = (2r+1)²`` neighbour windows, and whether that neighbour
     window lies inside the grid (outside ones are clamped duplicates and must not count).
     """
-    members, neighbours, valid, _, _ = _local_layout(grid, sy, sx, radius, device)
+    layout = _local_layout(grid, sy, sx, radius, device)
+    members, neighbours, valid = layout.members, layout.neighbours, layout.valid
     m, p = members.shape
     candidates = members[neighbours].reshape(m, -1)
     inside = valid[:, :, None].expand(-1, -1, p).reshape(m, -1)

@@ -31,6 +31,15 @@ FLOPs are what FlopCounterMode counts: matmuls, convolutions and attention kerne
 gathers. "FLOPs-ideal speedup" = unpatched FLOPs / variant FLOPs, the speedup a device
 whose time is proportional to those FLOPs would see.
 
+Device (``--device``, ``--dtype``, ``--attention``; see device.py): the CPU in fp32 with ComfyUI's
+own attention choice by default, exactly the runs above; ``--device cuda`` runs the same variants
+on the GPU with ComfyUI's options for the chosen attention kernel and dtype (``--attention sdpa``
+= ``--use-pytorch-cross-attention``, ``sub-quadratic`` = ``--use-quad-cross-attention``, ``split``
+= ``--use-split-cross-attention``, ...), ``--warmup`` untimed runs of every variant first (default
+1 on CUDA), each timed image between ``torch.cuda.synchronize()`` calls and timed with CUDA
+events, and the peak GPU memory from ``torch.cuda.max_memory_allocated``. ``--family sdxl`` is the
+SDXL base UNet (2.6 B parameters) with random weights.
+
 Variants are ``method[-modifier...][@ratio]``:
   unpatched                      the model as loaded
   tome@R                         ComfyUI core ``TomePatchModel`` (comfy_extras/nodes_tomesd.py)
@@ -51,7 +60,8 @@ random pruning patch the UNet's SpatialTransformer blocks); anything else is ref
 See benchmarks/README.md for usage.
 
 Layout: this file is the command line (``parse_args``, ``main``); the work is in its sibling
-modules -- pack.py (the bootstrap, and the one place the pack's internals are named),
+modules -- pack.py (the bootstrap, and the one place the pack's internals are named), device.py
+(device, dtype and attention options, CUDA timing and memory),
 variants.py (variant syntax and patching), models.py (the model and its inputs), measure.py
 (meters and the benchmark run), profiling.py (``--profile``) and report.py (JSON, markdown).
 """
@@ -67,6 +77,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling modules, also when imported
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import device  # noqa: E402
 import report  # noqa: E402
 from measure import run_benchmark  # noqa: E402
 from pack import ROOT  # noqa: E402
@@ -85,9 +96,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a real SD1.x/SD2.x/SDXL checkpoint (.safetensors/.ckpt); default: a random-weight SD1.5 UNet")
-    p.add_argument("--family", choices=("sd15", "mmdit"), default="sd15",
-                   help="random-weight model: sd15 = the SD1.5 UNet (default); mmdit = an SD3-medium-shaped MMDiT "
-                        "(real block width, --dit-depth joint blocks)")
+    p.add_argument("--family", choices=("sd15", "sdxl", "mmdit"), default="sd15",
+                   help="random-weight model: sd15 = the SD1.5 UNet (default); sdxl = the SDXL base UNet; mmdit = an "
+                        "SD3-medium-shaped MMDiT (real block width, --dit-depth joint blocks)")
+    p.add_argument("--device", choices=device.DEVICES, default="cpu",
+                   help="where the model runs (default cpu); cuda: the current CUDA GPU, CUDA-event timing, peak GPU "
+                        "memory")
+    p.add_argument("--dtype", choices=device.DTYPE_CHOICES, default="fp32",
+                   help="dtype of the random-weight model and ComfyUI's --fp16-unet/--bf16-unet/--fp32-unet (default "
+                        "fp32)")
+    p.add_argument("--attention", choices=tuple(device.ATTENTION_OPTIONS), default="default",
+                   help="ComfyUI's attention kernel: sdpa (--use-pytorch-cross-attention), sub-quadratic "
+                        "(--use-quad-cross-attention), split (--use-split-cross-attention), flash, sage; default: "
+                        "ComfyUI's own choice (SDPA on NVIDIA GPUs, sub-quadratic on the CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed whole runs of every variant before the timed ones (default 1 on cuda, 0 on cpu, "
+                        "where the FLOPs pass is the warm-up)")
     p.add_argument("--dit-depth", type=int, default=2,
                    help="--family mmdit: number of joint blocks (SD3 medium has 24; default 2)")
     p.add_argument("--tiny", action="store_true",
@@ -134,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be a positive multiple of 8 (got {v})")
     if args.steps < 1 or args.repeats < 1:
         p.error("--steps and --repeats must be >= 1")
+    if args.warmup is None:
+        args.warmup = 1 if args.device == "cuda" else 0
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0 (got {args.warmup})")
     if args.variants is None:
         args.variants = DEFAULT_DIT_VARIANTS if args.family == "mmdit" else DEFAULT_VARIANTS
     if args.dit_depth < 1:
@@ -163,6 +191,9 @@ def main(argv=None) -> dict:
         h.setFormatter(logging.Formatter("[bench %(asctime)s] %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.propagate = False
+    problem = device.device_problem(args.device)
+    if problem:
+        raise SystemExit(f"bench.py: {problem}")
     if args.profile:
         prof = run_profile(args)
         out = Path(args.out).with_name(f"profile_{args.profile.replace('@', '_')}.json")

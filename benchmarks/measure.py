@@ -1,14 +1,16 @@
 """Measurement: the meters, and the benchmark run that reads them.
 
-Meters: ``PeakRSS`` (peak resident memory of a block), ``cpu_wait_seconds`` (the contention
-gauge), ``UNetCalls`` (diffusion-model forwards and batch sizes), ``PackLog`` (the pack's
+Meters: ``PeakRSS`` (peak resident memory of a block; on CUDA also ``device.PeakCUDA``, the peak
+GPU memory), ``cpu_wait_seconds`` (the contention gauge), ``UNetCalls`` (diffusion-model forwards and batch sizes), ``PackLog`` (the pack's
 per-run summary line), ``CoreCacheLog`` (ComfyUI's EasyCache / LazyCache skip counts),
 ``count_flops`` (FlopCounterMode over a sampler run) and ``rel_error``.
 
 The run (``run_benchmark``): ``prepare_testbed`` builds the model and its inputs and refuses
 what cannot run on it; ``prepare`` patches each variant and counts its FLOPs (``cat_ideal`` for
-CAT's mix of full and pruned steps), which doubles as the warm-up; ``time_rounds`` times every
-variant ``--repeats`` times (``timed_run``: one sampler run under all meters), in rounds or in
+CAT's mix of full and pruned steps), which doubles as the warm-up (``--warmup`` adds whole untimed
+runs of every variant: the default on CUDA, whose kernels and allocator warm up per shape);
+``time_rounds`` times every variant ``--repeats`` times (``timed_run``: one sampler run under all
+meters; on CUDA timed with CUDA events between ``torch.cuda.synchronize()`` calls), in rounds or in
 ``--paired`` pairs; ``drift_check`` re-runs the unpatched model. It returns the ``Measured``
 run, which report.build_report turns into the JSON.
 """
@@ -24,8 +26,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import device
 import pack
-from models import Testbed, build_model, comfyui_version, diffusion_model_wrappers_run, make_testbed, model_family
+from models import (Testbed, build_model, comfyui_version, diffusion_model_wrappers_run, host_latent, make_testbed,
+                    model_family)
 from variants import (CACHE_METHODS, Variant, cat_full_steps, cat_probe, cat_probe_steps, family_problem, options,
                       parse_variants, patch, schedule_ideal)
 
@@ -200,6 +204,9 @@ class Result:
     pruned_flops: float | None = None  # cat: FLOPs of one pruned CFG model call (warmup-0 probe)
     latent: object = None  # torch.Tensor, not serialised
     pair_speedups: list = field(default_factory=list)  # --paired: unpatched / variant of adjacent runs
+    wall_all: list = field(default_factory=list)  # CUDA: host wall time of each timed run (seconds_all: CUDA events)
+    gpu_peaks: list = field(default_factory=list)  # CUDA: peak allocated bytes of each timed run
+    gpu_deltas: list = field(default_factory=list)  # CUDA: ... minus what was allocated before it
 
 
 @contextmanager
@@ -303,10 +310,20 @@ def timed_run(bed: Testbed, meters: Meters, model, res: Result) -> None:
     meters.pack_log.lines.clear()
     meters.calls.reset()
     wait0, load0 = cpu_wait_seconds(), os.getloadavg()[0]
-    with CoreCacheLog(bed.args.verbose) as core_log, PeakRSS() as mem:
-        t = time.perf_counter()
-        out = bed.final_latent(model, bed.args.steps)
-        dt = time.perf_counter() - t
+    if device.is_cuda(bed.args):
+        with CoreCacheLog(bed.args.verbose) as core_log, PeakRSS() as mem, device.PeakCUDA() as gpu:
+            with device.CudaTimer() as timer:
+                raw = bed.sample(model, bed.args.steps)
+            out, dt = host_latent(raw), timer.seconds
+        del raw
+        res.wall_all.append(timer.wall)
+        res.gpu_peaks.append(gpu.peak)
+        res.gpu_deltas.append(gpu.delta)
+    else:
+        with CoreCacheLog(bed.args.verbose) as core_log, PeakRSS() as mem:
+            t = time.perf_counter()
+            out = bed.final_latent(model, bed.args.steps)
+            dt = time.perf_counter() - t
     wait = cpu_wait_seconds() - wait0
     if core_log.line is not None and res.method in ("easycache", "lazycache"):
         # A reused step runs no model call; every other step is a full one: steps / computed steps.
@@ -348,6 +365,16 @@ def time_rounds(bed: Testbed, meters: Meters, prepared: list[tuple[object, Resul
             timed_run(bed, meters, base_model, base_res)
 
 
+def warm_up(bed: Testbed, prepared: list[tuple[object, Result]], runs: int) -> None:
+    """``runs`` whole untimed sampler runs of every variant (``--warmup``), so that the timed runs
+    find the kernels chosen, the caches' shapes allocated and the weights where they run."""
+    for _ in range(runs):
+        for model, res in prepared:
+            t = time.perf_counter()
+            bed.sample(model, bed.args.steps)
+            log.info("%-18s warm-up run %.2f s", res.spec, time.perf_counter() - t)
+
+
 def drift_check(bed: Testbed, meters: Meters, unpatched: tuple[object, Result]) -> Result:
     """The unpatched model once more at the end (unless --skip-rerun): how far the machine drifted."""
     model, first = unpatched
@@ -378,7 +405,7 @@ class Measured:
 
 def run_benchmark(args) -> Measured:
     """Every variant of ``args`` (bench.parse_args) measured on one model: FLOPs, timed runs, drift check."""
-    pack.bootstrap(args.comfyui)
+    pack.bootstrap(args.comfyui, device.comfy_args(args))
     import torch
 
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -398,6 +425,7 @@ def run_benchmark(args) -> Measured:
             if v.method == "unpatched" and res.flops is not None:
                 ref_flops = res.flops
             prepared.append((model, res))
+        warm_up(bed, prepared, getattr(args, "warmup", 0) or 0)
         time_rounds(bed, meters, prepared)
         drift = drift_check(bed, meters, prepared[0])
         results = [res for _, res in prepared]

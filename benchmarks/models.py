@@ -1,8 +1,9 @@
 """The benchmarked model and its inputs.
 
 ``build_model`` gives a real checkpoint (``load_checkpoint``) or a random-weight model built
-with ComfyUI's own classes: the SD1.5 UNet (``build_random_sd15``) or an SD3-medium-shaped
-MMDiT (``build_random_mmdit``); ``model_family`` says which kind the pack sees in it.
+with ComfyUI's own classes: the SD1.5 UNet (``build_random_sd15``), the SDXL base UNet
+(``build_random_sdxl``) or an SD3-medium-shaped MMDiT (``build_random_mmdit``), in the dtype of
+``--dtype``; ``model_family`` says which kind the pack sees in it.
 ``make_testbed`` adds what every variant shares, the latent, noise and random text conds
 (``make_inputs``) and the sampler settings, as a ``Testbed`` that samples a model.
 ``diffusion_model_wrappers_run`` probes whether a model's forward runs ComfyUI's
@@ -28,6 +29,27 @@ SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+
+# The SDXL base UNet (2.6 B parameters): no attention at the full-resolution level, 2 and 10
+# transformer blocks per SpatialTransformer at 1/2 and 1/4, 64-wide heads, linear proj_in, CLIP-L+G
+# context 2048, ADM vector 2816 (pooled 1280 + six 256-wide size/crop embeddings).
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+# torch dtype of each --dtype choice
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_dtype(name: str):
+    import torch
+    return getattr(torch, DTYPES[name])
+
 
 # SD3 medium as comfy.model_detection.detect_unet_config reads it from the released
 # sd3_medium checkpoint: ComfyUI's MMDiT ties the width to ``depth`` (hidden = 64 * depth, one
@@ -82,32 +104,51 @@ def _fill_random_(module, seed: int) -> None:
         list(pool.map(fill, sorted(jobs, key=lambda j: -j[3].numel())))
 
 
-def build_random_sd15(seed: int, tiny: bool = False):
-    """The real-size SD1.5 UNet from ComfyUI's own classes, fp32, seeded random weights.
+def build_random_sd15(seed: int, tiny: bool = False, dtype: str = "fp32"):
+    """The real-size SD1.5 UNet from ComfyUI's own classes, seeded random weights (fp32 unless
+    ``dtype`` says otherwise: the weights are drawn in fp32 and rounded to it).
 
     ``tiny``: the same family shrunk for smoke tests (two levels, one res block each; real
     widths, heads and context), about 1/10 of the parameters.
     """
-    import torch
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
 
     cfg = dict(SD15_UNET_CONFIG)
     if tiny:
         cfg.update(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
                    transformer_depth_output=[1, 1, 1, 1])
-    mc = comfy.supported_models.SD15(cfg)
-    mc.set_inference_dtype(torch.float32, None)
+    return _random_unet(comfy.supported_models.SD15, cfg, seed, "SD15" + ("-tiny" if tiny else ""), dtype)
+
+
+def build_random_sdxl(seed: int, tiny: bool = False, dtype: str = "fp32"):
+    """The SDXL base UNet from ComfyUI's own classes (``comfy.supported_models.SDXL``), seeded random
+    weights. ``tiny``: two levels with one transformer block each at 1/2 (the highest-resolution level
+    keeps no attention, as in SDXL), for smoke tests."""
+    import comfy.supported_models
+
+    cfg = dict(SDXL_UNET_CONFIG)
+    if tiny:
+        cfg.update(channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[0, 1], transformer_depth_middle=1,
+                   transformer_depth_output=[0, 0, 1, 1])
+    return _random_unet(comfy.supported_models.SDXL, cfg, seed, "SDXL" + ("-tiny" if tiny else ""), dtype)
+
+
+def _random_unet(config_class, cfg: dict, seed: int, family: str, dtype: str):
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+
+    mc = config_class(cfg)
+    mc.set_inference_dtype(torch_dtype(dtype), None)
     model = mc.get_model({})
     _fill_random_(model.diffusion_model, seed)
     dev = comfy.model_management.get_torch_device()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
-    info = {"source": "random", "family": "SD15" + ("-tiny" if tiny else ""), "seed": seed}
+    info = {"source": "random", "family": family, "seed": seed}
     return patcher, info
 
 
-def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False):
+def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False, dtype: str = "fp32"):
     """An SD3-medium-shaped MMDiT from ComfyUI's own classes, fp32, seeded random weights.
 
     ``comfy.supported_models.SD3`` -> ``comfy.model_base.SD3`` (flow matching, shift 3) ->
@@ -135,7 +176,7 @@ def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False):
         cfg["context_embedder_config"]["params"]["out_features"] = 64 * TINY_MMDIT_WIDTH_UNITS
     cfg["num_blocks"] = blocks
     mc = comfy.supported_models.SD3(cfg)
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(torch_dtype(dtype), None)
     model = mc.get_model({})
     seeded_fill_(model.diffusion_model, seed)
     model.eval()
@@ -157,11 +198,14 @@ def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False):
 
 def build_model(args):
     """The benchmarked model: a checkpoint, or the random-weight model of ``--family``."""
+    dtype = getattr(args, "dtype", "fp32")
     if args.checkpoint:
         return load_checkpoint(args.checkpoint)
     if args.family == "mmdit":
-        return build_random_mmdit(args.seed, blocks=args.dit_depth, tiny=args.tiny)
-    return build_random_sd15(args.seed, tiny=args.tiny)
+        return build_random_mmdit(args.seed, blocks=args.dit_depth, tiny=args.tiny, dtype=dtype)
+    if args.family == "sdxl":
+        return build_random_sdxl(args.seed, tiny=args.tiny, dtype=dtype)
+    return build_random_sd15(args.seed, tiny=args.tiny, dtype=dtype)
 
 
 def model_family(patcher) -> str:
@@ -230,8 +274,13 @@ class Testbed:
 
     def final_latent(self, model, steps: int):
         """``sample``'s output, detached, as a float32 CPU tensor (what the errors compare)."""
-        import torch
-        return self.sample(model, steps).detach().to("cpu", torch.float32)
+        return host_latent(self.sample(model, steps))
+
+
+def host_latent(latent):
+    """A sampled latent, detached, as a float32 CPU tensor."""
+    import torch
+    return latent.detach().to("cpu", torch.float32)
 
 
 def make_testbed(args, base, info: dict) -> Testbed:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 
+import device
 import pack
 from measure import cpu_wait_seconds
 from models import Testbed, build_model, make_testbed, model_family
@@ -158,10 +159,11 @@ class LastStepProfile:
     wrapper, so CAT's selection and latent merge are in; CFG normally batches cond and uncond into one
     call): installed on ``bm.apply_model`` for the duration of a ``with``."""
 
-    def __init__(self, bm, steps: int):
+    def __init__(self, bm, steps: int, cuda: bool = False):
         import torch
-        self.bm, self.steps = bm, steps
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.bm, self.steps, self.cuda = bm, steps, cuda
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        self.prof = torch.profiler.profile(activities=activities)
         self.sigmas, self.wall, self.calls, self.batch, self.wait0, self.wait = [], 0.0, 0, [], None, 0.0
 
     def apply_model(self, *a, **k):
@@ -176,8 +178,12 @@ class LastStepProfile:
             self.wait0 = cpu_wait_seconds()
             self.prof.start()
         with torch.profiler.record_function(MODEL_CALL):
+            if self.cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             result = self.orig(*a, **k)
+            if self.cuda:
+                torch.cuda.synchronize()
             self.wall += time.perf_counter() - t0
         self.calls += 1
         self.batch.append(int(a[0].shape[0]))
@@ -202,8 +208,16 @@ class LastStepProfile:
         labels = {e.key: (e.cpu_time_total / 1e3, e.count) for e in ev if e.key.startswith(REGION_PREFIXES)}
         ops = sorted(((e.key, e.self_cpu_time_total / 1e3, e.count) for e in ev if e.key.startswith("aten::")),
                      key=lambda r: -r[1])[:15]
-        return {"profiled": what, "model_calls": self.calls, "batch": self.batch, "wall_seconds": self.wall,
-                "cpu_wait_seconds": self.wait, "regions_ms": labels, "top_ops_self_ms": ops}
+        out = {"profiled": what, "model_calls": self.calls, "batch": self.batch, "wall_seconds": self.wall,
+               "cpu_wait_seconds": self.wait, "regions_ms": labels, "top_ops_self_ms": ops}
+        if self.cuda:  # GPU time of the labelled regions and the GPU's busiest kernels
+            def gpu_ms(e, own=False):
+                name = "self_device_time_total" if own else "device_time_total"
+                return getattr(e, name, getattr(e, name.replace("device", "cuda"), 0.0)) / 1e3
+            out["regions_gpu_ms"] = {e.key: gpu_ms(e) for e in ev if e.key.startswith(REGION_PREFIXES)}
+            out["top_kernels_gpu_ms"] = sorted(((e.key, gpu_ms(e, own=True), e.count) for e in ev
+                                                if gpu_ms(e, own=True) > 0), key=lambda r: -r[1])[:15]
+        return out
 
 
 def profiled_model(base, v: Variant, seed: int) -> tuple[object, int, str]:
@@ -225,7 +239,7 @@ def profile_variant(bed: Testbed, v: Variant) -> dict:
     model, steps, what = profiled_model(bed.base, v, bed.args.seed)
     bed.sample(model, steps)  # warm-up
     bm = bed.base.model
-    with LastStepProfile(bm, steps) as step:
+    with LastStepProfile(bm, steps, cuda=device.is_cuda(bed.args)) as step:
         with Labels(bm.diffusion_model):
             bed.sample(model, steps)
     return step.summary(what)
@@ -246,7 +260,7 @@ def print_profile(spec: str, entry: dict) -> None:
 
 def run_profile(args) -> dict:
     """``--profile``: the unpatched model and ``args.profile``, each profiled and printed; the JSON."""
-    pack.bootstrap(args.comfyui)
+    pack.bootstrap(args.comfyui, device.comfy_args(args))
     import torch
 
     torch.set_num_threads(max(1, args.threads or len(os.sched_getaffinity(0))))

@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+import device
 from measure import Measured, PeakRSS, rel_error
 from models import comfyui_version
 from pack import ROOT
@@ -92,23 +93,37 @@ def markdown(report: dict) -> str:
                  f"{m['context'][0]}×{m['context'][1]}, pooled {m['pooled']}), "
                  f"{m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights")
     else:
-        model = f"{tiny}SD1.5-architecture UNet, {m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights"
+        arch = "SDXL-architecture (base)" if m["family"].startswith("SDXL") else "SD1.5-architecture"
+        model = f"{tiny}{arch} UNet, {m['unet_parameters'] / 1e6:.0f} M parameters, random seeded weights"
     tokens = (f" = {m['image_tokens']} image + {m['text_tokens']} text tokens" if m.get("image_tokens") else "")
     rerun_skipped = report["unpatched_drift"].get("rerun_skipped", False)
+    gpu = c.get("device") == "cuda"
+    if gpu:
+        where = (f"torch {c['torch']} on {c['gpu']} (CUDA {c['cuda']}), ComfyUI attention `{c['attention']}`, "
+                 f"timed with CUDA events, fastest of {c['repeats']} run(s) after {c.get('warmup', 0)} warm-up run(s).")
+        header = ("| variant | s / image | speedup | FLOPs-ideal speedup | peak GPU mem (MiB) | peak GPU mem Δ (MiB) "
+                  "| rel. error vs unpatched |")
+        rule = "|---|---:|---:|---:|---:|---:|---:|"
+    else:
+        where = (f"torch {c['torch']} on {c['threads']} CPU threads, ComfyUI attention `{c['attention']}`, fastest of "
+                 f"{c['repeats']} run(s).")
+        header = "| variant | s / image | speedup | FLOPs-ideal speedup | peak RAM Δ (MiB) | rel. error vs unpatched |"
+        rule = "|---|---:|---:|---:|---:|---:|"
     lines = [
         f"{model}, {m['dtype'].replace('torch.', '')}; {c['width']}×{c['height']} "
         f"(latent {c['latent'][3]}×{c['latent'][2]}{tokens}), {c['sampler']}/{c['scheduler']}, {c['steps']} steps, "
-        f"CFG {c['cfg']:g}, seed {c['seed']}; torch {c['torch']} on {c['threads']} CPU threads, "
-        f"ComfyUI attention `{c['attention']}`, fastest of {c['repeats']} run(s).",
+        f"CFG {c['cfg']:g}, seed {c['seed']}; {where}",
         "",
-        "| variant | s / image | speedup | FLOPs-ideal speedup | peak RAM Δ (MiB) | rel. error vs unpatched |",
-        "|---|---:|---:|---:|---:|---:|",
+        header,
+        rule,
     ]
     for r in report["results"] + ([] if rerun_skipped else [report["unpatched_rerun"]]):
         err = "0 (reference)" if r is report["results"][0] else f"{100 * r['rel_error']:.2f} %"
+        memory = (f"{_fmt(r.get('peak_gpu_mib'), '.0f')} | {_fmt(r.get('peak_gpu_delta_mib'), '.0f')}" if gpu
+                  else f"{r['peak_rss_delta_mib']:.0f}")
         lines.append(f"| {r['variant']} | {r['seconds_per_image']:.2f} | {r['speedup']:.2f}× | "
                      f"{_fmt(r['flops_ideal_speedup'], '.2f')}{'×' if r['flops_ideal_speedup'] else ''} | "
-                     f"{r['peak_rss_delta_mib']:.0f} | {err} |")
+                     f"{memory} | {err} |")
     drift_text = ("no re-run (--skip-rerun)" if rerun_skipped else
                   f"{d['first_seconds']:.2f} s first, {d['rerun_seconds']:.2f} s re-run at the end: "
                   f"drift {d['drift_percent']:+.1f} %")
@@ -128,8 +143,11 @@ def markdown(report: dict) -> str:
         "(matmuls, convs, attention; not element-wise work, sorts or gathers)"
         + (f"; for the caching rows the FLOPs of the whole run: {'; '.join(cache_notes)}" if cache_notes else "")
         + ". "
-        "Peak RAM Δ = peak resident set during the timed run minus RSS before it "
-        f"({c['peak_memory_method']}). Rel. error = ‖x − x_ref‖ / ‖x_ref‖ of the final latent.",
+        + ("Peak GPU mem = torch.cuda.max_memory_allocated during the timed run (weights included), Δ = that "
+           "minus what was allocated before it. " if gpu else
+           "Peak RAM Δ = peak resident set during the timed run minus RSS before it "
+           f"({c['peak_memory_method']}). ")
+        + "Rel. error = ‖x − x_ref‖ / ‖x_ref‖ of the final latent.",
     ]
     k = report.get("contention") or {}
     if k.get("variant"):
@@ -147,6 +165,14 @@ def markdown(report: dict) -> str:
 
 def result_row(r, ref, ref_seconds: float, steps: int) -> dict:
     """The JSON row of result ``r``; ``ref`` is the unpatched model's result, ``ref_seconds`` its time."""
+    row = _row(r, ref, ref_seconds, steps)
+    if r.gpu_peaks:  # a CUDA run: seconds are CUDA-event times; memory is the GPU's
+        row.update(wall_seconds_all=[round(w, 4) for w in r.wall_all], peak_gpu_mib=max(r.gpu_peaks) / 2**20,
+                   peak_gpu_delta_mib=max(r.gpu_deltas) / 2**20)
+    return row
+
+
+def _row(r, ref, ref_seconds: float, steps: int) -> dict:
     import torch
     return {
         "variant": r.spec, "method": r.method, "ratio": r.ratio, "options": r.options,
@@ -194,6 +220,7 @@ def build_report(args, measured: Measured) -> dict:
                                   if args.paired else "fastest of the first and the final unpatched run"),
             "peak_memory_method": PeakRSS.method,
             "family": bed.info["arch"], "comfyui": comfyui_version(),
+            "warmup": getattr(args, "warmup", 0) or 0, **device.describe(args),
         },
         "model": bed.info,
         "code": git_state(),
@@ -222,5 +249,7 @@ def console_lines(report: dict) -> list[str]:
     """One line per variant (and the unpatched re-run): time, speedups, memory, error."""
     return [f"{r['variant']:<20} {r['seconds_per_image']:8.2f} s  {r['speedup']:5.2f}x  "
             f"flops-ideal {_fmt(r['flops_ideal_speedup'], '5.2f')}x  "
-            f"mem +{r['peak_rss_delta_mib']:.0f} MiB  err {100 * r['rel_error']:.2f} %"
+            + (f"GPU mem {r['peak_gpu_mib']:.0f} MiB (+{r['peak_gpu_delta_mib']:.0f})" if "peak_gpu_mib" in r
+               else f"mem +{r['peak_rss_delta_mib']:.0f} MiB")
+            + f"  err {100 * r['rel_error']:.2f} %"
             for r in report["results"] + [report["unpatched_rerun"]]]

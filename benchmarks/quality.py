@@ -134,13 +134,14 @@ class Reference:
         self.weights = _weights_hash(ref_dir)
         self.num_labels = len(self.config["labels"])
 
-    def batch(self, seeds: int):
-        """Labels and per-sample noise for labels x seeds (sample i: label i % L, seed i // L)."""
+    def batch(self, seeds: int, noise_base: int = 1000):
+        """Labels and per-sample noise for labels x seeds (sample i: label i % L, seed i // L,
+        noise seed ``noise_base + i``; another base gives a disjoint set, e.g. held-out samples)."""
         import torch
 
         n = self.num_labels * seeds
         labels = [i % self.num_labels for i in range(n)]
-        noise = torch.stack([torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(1000 + i))
+        noise = torch.stack([torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(noise_base + i))
                              for i in range(n)])
         return labels, noise
 
@@ -162,12 +163,17 @@ def to_unit_rgb(x):
     return ((x[:, :3].clamp(-1, 1) + 1) / 2).float()
 
 
+def rel_errors(out, ref_out):
+    """Latent relative error of each sample, ``||x - x_ref|| / ||x_ref||``."""
+    return (out - ref_out).flatten(1).norm(dim=1) / ref_out.flatten(1).norm(dim=1)
+
+
 def metrics(out, ref_out, labels, ref: Reference) -> dict:
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    d = (out - ref_out).flatten(1).norm(dim=1) / ref_out.flatten(1).norm(dim=1)
+    d = rel_errors(out, ref_out)
     a, b = to_unit_rgb(out), to_unit_rgb(ref_out)
     psnr = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(a, b, data_range=1.0)

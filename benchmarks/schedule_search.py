@@ -145,17 +145,6 @@ def schedule_cost(text: str, ratio: float, costs: dict) -> float:
     return sum(costs[ratio][str(s)] for s in sched) / len(sched)
 
 
-def holdout_batch(ref, seeds: int):
-    """Labels and noise of the held-out set: every label, ``seeds`` noise seeds unused by the search."""
-    import torch
-
-    n = ref.num_labels * seeds
-    labels = [i % ref.num_labels for i in range(n)]
-    noise = torch.stack([torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(HOLDOUT_NOISE_BASE + i))
-                         for i in range(n)])
-    return labels, noise
-
-
 class Evaluations:
     """Every candidate evaluated so far, ``key -> record``, kept in a JSON file as it grows."""
 
@@ -271,8 +260,8 @@ def run(args: argparse.Namespace) -> dict:
         if rec is None:
             model = pack.apply_dato(ref.patcher, prune_ratio=ratio, custom_schedule=text, seed=args.seed)
             out = quality.sample(model, ref, labels, noise, args)
-            err = (out - ref_out).flatten(1).norm(dim=1) / ref_out.flatten(1).norm(dim=1)
-            rec = {"key": key, "schedule": text, "prune_ratio": ratio, "error": float(err.mean()),
+            rec = {"key": key, "schedule": text, "prune_ratio": ratio,
+                   "error": float(quality.rel_errors(out, ref_out).mean()),
                    "cost": schedule_cost(text, ratio, costs)}
             evals.records[key] = rec
             evals.save()
@@ -330,7 +319,7 @@ def final_report(args, ref, front: list[dict], presets: list[dict], setting: dic
     """Held-out quality and measured time on the reference model of every front point and preset."""
     import torch
 
-    h_labels, h_noise = holdout_batch(ref, args.holdout_seeds)
+    h_labels, h_noise = ref.batch(args.holdout_seeds, noise_base=HOLDOUT_NOISE_BASE)
     t = time.perf_counter()
     h_ref = quality.sample(ref.patcher, ref, h_labels, h_noise, args)
     unpatched_s = time.perf_counter() - t

@@ -51,6 +51,8 @@ class Graph:
             values.append(widgets.pop(name, default))
             if opts.get("control_after_generate"):
                 values.append("fixed")
+        if any(opts.get("image_upload") for _, opts in widget_inputs(d)):
+            values.append("image")  # the frontend's upload button stores its value after all others
         if widgets:
             raise KeyError(f"{type_} has no widget(s) {sorted(widgets)}")
         node["widgets_values"] = values
@@ -145,8 +147,8 @@ def dit_pipeline(g: Graph, spec: dict) -> dict:
     ids: dict = {}
     tops = {0: 0, 360: 0, 800: 0}  # next free y of each column
 
-    def put(column: int, type_: str, widgets: dict | None, size: tuple) -> int:
-        nid = g.add(type_, widgets, pos=(column, tops[column]), size=size)
+    def put(column: int, type_: str, widgets: dict | None, size: tuple, title: str | None = None) -> int:
+        nid = g.add(type_, widgets, pos=(column, tops[column]), size=size, title=title)
         tops[column] += g.height(nid) + TITLE_AND_GAP
         return nid
 
@@ -187,7 +189,9 @@ def dit_pipeline(g: Graph, spec: dict) -> dict:
         g.link(*negative, ids["ltxv"], "negative")
         positive, negative = (ids["ltxv"], 0), (ids["ltxv"], 1)
     latent_type, latent_widgets = spec["latent"]
-    ids["latent"] = put(800, latent_type, latent_widgets, (320, 130))
+    # The frontend (1.32.x) titles some renamed nodes by their class name (EmptyHunyuanLatentVideo,
+    # not its display name): an explicit title is what both the user and the server see.
+    ids["latent"] = put(800, latent_type, latent_widgets, (320, 130), title=LATENT_TITLES.get(latent_type))
     if spec.get("start_image"):
         ids["image"] = put(800, "LoadImage", {"image": "example.png"}, (320, 320))
         g.link(ids["image"], 0, ids["latent"], "start_image")
@@ -260,6 +264,9 @@ DIT_WORKFLOWS = {
         "positive": "waves crashing against a rocky shore at dusk, slow camera pan",
     },
 }
+
+LATENT_TITLES = {"EmptyHunyuanLatentVideo": "Empty Latent Video"}
+
 
 def dit_model_files() -> dict[str, set[str]]:
     """{ComfyUI model folder: file names} the DiT workflows load (the end-to-end tests list

@@ -37,6 +37,7 @@ INTERNALS = {
     "resolve_max_downsample": ("nodes.hooks", "resolve_max_downsample"),
     "new_uid": ("nodes.hooks", "new_uid"),
     "install_block_pruning": ("nodes.hooks", "install_block_pruning"),
+    "transformer_block_paths": ("nodes.hooks.model_info", "transformer_block_paths"),  # SiTo's per-block ablation
     "BlockPruning": ("nodes.hooks", "BlockPruning"),
     "install_run_lifecycle": ("nodes.hooks", "install_run_lifecycle"),
     "full_step_count": ("nodes.hooks", "full_step_count"),

@@ -54,6 +54,7 @@ class Variant:
     recovery: str | None = None  # SiTo recovery ("base" | "kept" | "merge"); None = the node's default
     preset: str | None = None  # DaTo schedule preset (dato / deepcache variants); "custom" = schedule
     schedule: str | None = None  # dato-custom: the custom_schedule text (--dato-schedule)
+    parts: dict = field(default_factory=dict)  # SiTo taken apart (benchmarks/ablation.py): rbase, rprune, wstand, bN
     warmup: int | None = None  # CAT warmup_steps (modifier wN); None = the node's default
     node_options: dict = field(default_factory=dict)  # node options set by modifiers (CAT: residual, merged;
     #                                                   DaTo: align, global, kept, merge)
@@ -61,13 +62,14 @@ class Variant:
 
 # DaTo modifiers that set a node option rather than name the schedule preset
 DATO_OPTION_MODIFIERS = {"align": {"align_cfg": True}, "global": {"similarity_search": "global"},
-                         "kept": {"recovery": "kept"}, "merge": {"recovery": "merge"}}
+                         "kept": {"recovery": "kept"}, "merge": {"recovery": "merge"}, "qonly": {"prune_kv": False},
+                         "nodyn": {"dynamics_weight": 0.0}}  # nodyn: base tokens by the noise alone (random)
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
     "dato": ("prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or "
              "custom; option modifiers align = align_cfg on, global = similarity_search global, kept / merge = "
-             "recovery"),
+             "recovery, qonly = prune_kv off, nodyn = dynamics_weight 0 (random base tokens)"),
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
             "levels), wN = warmup_steps N, residual = SD3 blocks without the K/V cache (dit_kv_cache off), merged = "
@@ -91,14 +93,14 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
             raise ValueError(f"variant {spec!r}: needs a ratio ({CACHE_METHODS[method]})")
         v = Variant(spec, method, ratio=float(ratio))
         if method == "dato":
-            if mods == ["custom"]:
+            preset = [m for m in mods if m not in DATO_OPTION_MODIFIERS]
+            for mod in mods:
+                v.node_options.update(DATO_OPTION_MODIFIERS.get(mod, {}))
+            if preset == ["custom"]:
                 if not (dato_schedule or "").strip():
                     raise ValueError(f"variant {spec!r} needs --dato-schedule")
                 v.preset, v.schedule = "custom", dato_schedule
             else:
-                preset = [m for m in mods if m not in DATO_OPTION_MODIFIERS]
-                for mod in mods:
-                    v.node_options.update(DATO_OPTION_MODIFIERS.get(mod, {}))
                 v.preset = "dato_" + ("_".join(preset) if preset else "official")
         elif method == "deepcache":
             v.preset = "deepcache_" + (mods[0] if mods else "5")
@@ -138,14 +140,29 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
             v.search = mod
         elif mod in ("base", "kept", "merge") and method == "sito":
             v.recovery = mod
+        elif mod in ABLATION_MODIFIERS and method == "sito":
+            v.parts.update(ABLATION_MODIFIERS[mod])
+        elif mod[:1] == "b" and mod[1:].isdigit() and method == "sito":
+            v.parts["block"] = int(mod[1:])
+        elif mod == "rowwise" and method == "random":
+            v.node_options["per_row"] = True  # each row its own draws: cond and uncond pruned apart
+        elif mod[:1] == "a" and mod[1:].replace(".", "", 1).isdigit() and method == "sito":
+            v.node_options["noise_alpha"] = float(mod[1:])  # aX: SiTo's noise_alpha X
         else:
             raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
-                             f"sito also local, global, base, kept, merge)")
+                             f"random also rowwise; sito also local, global, base, kept, merge, aX = noise_alpha "
+                             f"X, and the ablation's rbase, rprune, wstand, cfgnoise, cfgplan, cfgkey, cfgfixed, bN)")
     return v
 
 
+# SiTo's parts switched one at a time (benchmarks/ablation.py; benchmark-only, not node options)
+ABLATION_MODIFIERS = {"rbase": {"base": "random"}, "rprune": {"prune": "random"}, "wstand": {"stand": "window"},
+                      "cfgnoise": {"cfg": "noise"}, "cfgplan": {"cfg": "plan"}, "cfgkey": {"cfg": "key"},
+                      "cfgfixed": {"cfg": "fixed"}}
+
+
 def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: bool, mlp: bool, seed: int,
-                 sx: int = 2, sy: int = 2):
+                 sx: int = 2, sy: int = 2, per_row: bool = False):
     """Random pruning, installed exactly like ``apply_sito`` but with ``plan_random`` as planner."""
     problem = pack.validate_prune_ratio(ratio, sx, sy)
     if problem:
@@ -156,11 +173,13 @@ def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: b
     m = model.clone()
     uid = pack.new_uid("random")
 
-    def planner(n, grid, state):
+    def planner(n, grid, state, call):
         k = pack.pruned_count(ratio, grid.n, grid.window_count(sy, sx))
         if k == 0 or grid.window_count(sy, sx) == 0:
             return None
-        return pack.plan_random(n.shape[0], grid, k, sy, sx, state.generator(n.device), n.device)
+        if per_row:  # each row its own draws (the pack's random pruning before the CFG halves shared them)
+            return pack.plan_random(n.shape[0], grid, k, sy, sx, state.generator(n.device), n.device)
+        return pack.plan_random(n.shape[0], grid, k, sy, sx, call.generator, n.device, call.chunks)
 
     def summary(state):
         return (f"random: r={ratio:g}, levels up to 1/{factor}: {state.summary_levels()}; "
@@ -180,14 +199,22 @@ def patch(base, v: Variant, seed: int):
     if v.method == "tome":
         from comfy_extras.nodes_tomesd import TomePatchModel
         return TomePatchModel.execute(base, v.ratio).result[0]
+    if v.method == "sito" and v.parts:
+        import ablation
+        if v.xattn or v.mlp:
+            raise ValueError(f"variant {v.spec!r}: the ablation prunes self-attention only")
+        return ablation.apply_parts(base, v.ratio, search=v.search or "local", recovery=v.recovery or "base",
+                                    prune_kv=not v.qonly, max_downsample=v.max_downsample, seed=seed,
+                                    alpha=v.node_options.get("noise_alpha", ablation.NOISE_ALPHA), **v.parts)
     if v.method == "sito":
         extra = {"similarity_search": v.search} if v.search else {}
         if v.recovery:
             extra["recovery"] = v.recovery
         return pack.apply_sito(base, prune_ratio=v.ratio, max_downsample=v.max_downsample, prune_self_attn=True,
-                               prune_cross_attn=v.xattn, prune_mlp=v.mlp, prune_kv=not v.qonly, seed=seed, **extra)
+                               prune_cross_attn=v.xattn, prune_mlp=v.mlp, prune_kv=not v.qonly, seed=seed, **extra,
+                               **v.node_options)
     if v.method == "random":
-        return apply_random(base, v.ratio, v.max_downsample, v.qonly, v.xattn, v.mlp, seed)
+        return apply_random(base, v.ratio, v.max_downsample, v.qonly, v.xattn, v.mlp, seed, **v.node_options)
     if v.method in ("dato", "deepcache"):
         if v.preset == "custom":
             return pack.apply_dato(base, prune_ratio=v.ratio, custom_schedule=v.schedule, seed=seed, **v.node_options)
@@ -239,7 +266,9 @@ def options(v: Variant) -> dict:
         opts["similarity_search"] = v.search
     if v.recovery:
         opts["recovery"] = v.recovery
-    return opts
+    if v.parts:
+        opts["ablation"] = dict(v.parts)
+    return opts | v.node_options
 
 
 # --------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ PARAMS = Params(
     Param("noise_alpha", "float", 0.1, "alpha: weight of the Gaussian noise added to the dynamics score.",
           0.0, 10.0, 0.01),
     Param("align_cfg", "boolean", False, "Cond and uncond rows of a CFG batch share base tokens (the uncond rows' "
-          "choice)."),
+          "choice), also when ComfyUI runs them as separate calls."),
     Param("sign_flip", "boolean", False, "Official-code behaviour: on half of the block calls the least dynamic "
           "token becomes the base token. Off = always the most dynamic one, as the paper describes."),
     *window_and_seed("Caching and pruning start at this point of the denoising schedule.",
@@ -68,6 +68,8 @@ PARAMS = Params(
           "similar base token (the paper's figure); kept = its most similar kept token (the official code); merge "
           "= base, each base token computed as the mean of itself and its copies (ToMe's averaging).",
           options=("base", "kept", "merge")),
+    Param("prune_kv", "boolean", True, "On: pruned tokens leave the queries, keys and values (DaTo, SiTo). Off: "
+          "only the queries; every token stays a key and value (ComfyUI's ToMe does this; slower, more faithful)."),
     Param("sx", "int", 2, "Window width in tokens (one base token per window).", 1, 8, widget=False),
     Param("sy", "int", 2, "Window height in tokens (one base token per window).", 1, 8, widget=False),
 )
@@ -135,11 +137,11 @@ def apply_dato(model, **options):
     def new_run(state):
         return hooks.DaToRun(schedule=make_schedule(max(state.total_steps, 1), depth).clamp_depth(depth_cap))
 
-    def planner(n, grid, state):
+    def planner(n, grid, state, call):
         if cfg.prune_ratio <= 0:
             return None
-        d_map, d_grid, cond_or_uncond = hooks.current_dynamics(state)
-        return dato_plan(n, grid, cfg, d_map, d_grid, state.generator(n.device), cond_or_uncond)
+        d_map, d_grid, cond_or_uncond = hooks.current_dynamics(state, align=cfg.align_cfg)
+        return dato_plan(n, grid, cfg, d_map, d_grid, call.generator, cond_or_uncond)
 
     def summary(state):
         kinds = list(state.record.step_kinds.values())
@@ -148,7 +150,8 @@ def apply_dato(model, **options):
                 f"r={o['prune_ratio']:g} pruned: {state.summary_levels()}")
 
     hooks.install_step_cache(m, uid, min_depth=max(min_depth, 1))
-    hooks.install_block_pruning(m, uid, hooks.BlockPruning(self_attn=True, max_downsample=factor), planner)
+    hooks.install_block_pruning(m, uid, hooks.BlockPruning(self_attn=True, prune_kv=o["prune_kv"],
+                                                           max_downsample=factor), planner)
     hooks.install_run_lifecycle(m, uid, "dato", o["start_percent"], o["end_percent"], o["seed"], summary,
                                 new_data=new_run)
     return m

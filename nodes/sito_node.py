@@ -79,8 +79,8 @@ def apply_sito(model, **options):
     layers = "+".join(n for n, on in (("attn1" + ("" if o["prune_kv"] else "(q only)"), o["prune_self_attn"]),
                                       ("attn2", o["prune_cross_attn"]), ("mlp", o["prune_mlp"])) if on)
 
-    def planner(n, grid, state):
-        return sito.sito_plan(n, grid, cfg, state.generator(n.device) if cfg.noise_alpha else None)
+    def planner(n, grid, state, call):
+        return sito.sito_plan(n, grid, cfg, call.generator if cfg.noise_alpha else None, call.chunks)
 
     def summary(state):
         return (f"SiTo: r={o['prune_ratio']:g} on {layers}, levels up to 1/{factor}: {state.summary_levels()}; "

@@ -23,7 +23,8 @@ import torch
 
 from .geometry import TokenGrid, resize_token_map
 from .recovery import PrunePlan
-from .selection import normalized, pruned_count, random_base_tokens, select_base_tokens, validate_prune_ratio
+from .selection import (chunk_draw, normalized, pruned_count, random_base_tokens, select_base_tokens,
+                        validate_prune_ratio)
 from .sito import recovery_plan, recovery_problem
 
 
@@ -75,9 +76,10 @@ def dato_plan(x: torch.Tensor, grid: TokenGrid, cfg: DaToConfig, dynamics: torch
         return None
     b = x.shape[0]
     gen_device = generator.device if generator is not None else x.device
+    chunks = len(cond_or_uncond) if cond_or_uncond else 1  # CFG halves draw the same noise (chunk_draw)
     if dynamics is None or dynamics.shape[0] != b:
         # no usable signal yet (first evaluations of a run): random base per window, as official
-        base = random_base_tokens(b, grid, cfg.sy, cfg.sx, generator, x.device)
+        base = random_base_tokens(b, grid, cfg.sy, cfg.sx, generator, x.device, chunks)
     else:
         d = resize_token_map(dynamics.to(x.device), dynamics_grid, grid)
         gamma = cfg.dynamics_weight
@@ -87,7 +89,7 @@ def dato_plan(x: torch.Tensor, grid: TokenGrid, cfg: DaToConfig, dynamics: torch
         else:
             score = gamma * d
         if cfg.noise_alpha:
-            score = score + cfg.noise_alpha * torch.randn(score.shape, generator=generator, device=gen_device).to(x.device)
+            score = score + cfg.noise_alpha * chunk_draw(torch.randn, b, score.shape[1], generator, x.device, chunks)
         base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
     if cfg.align_cfg:
         base = align_rows(base, cond_or_uncond)

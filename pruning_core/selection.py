@@ -72,12 +72,29 @@ def select_base_tokens(score: torch.Tensor, grid: TokenGrid, sy: int, sx: int) -
     return _member_tokens(local, grid, sy, sx)
 
 
+def chunk_draw(draw, batch: int, size: int, generator: torch.Generator | None, device, chunks: int = 1,
+               **kwargs) -> torch.Tensor:
+    """``[batch, size]`` random numbers (``draw``: torch.rand, torch.randn or torch.randint with
+    ``high=``) for a batch laid out as ``chunks`` equal chunks, the way ComfyUI stacks the cond and
+    uncond halves of a CFG batch: the rows of one chunk are drawn and repeated for every chunk, so
+    that sample i is pruned alike in the cond and the uncond pass. Pruned differently, the two
+    passes' errors do not cancel in ``uncond + cfg·(cond − uncond)`` but are scaled by the CFG
+    scale (on the reference model: random pruning at r = 0.5, 0.39 error per row, 0.24 shared;
+    docs/benchmarks.md). ``chunks`` that do not divide the batch count as 1."""
+    if chunks < 1 or batch % chunks:
+        chunks = 1
+    gen_device = generator.device if generator is not None else device
+    rows = draw(size=(batch // chunks, size), generator=generator, device=gen_device, **kwargs).to(device)
+    return rows if chunks == 1 else rows.repeat(chunks, 1)
+
+
 def random_base_tokens(batch: int, grid: TokenGrid, sy: int, sx: int, generator: torch.Generator | None,
-                       device) -> torch.Tensor:
-    """One uniformly random base token per window (ToMe-style anchors), ``[B, M]``."""
+                       device, chunks: int = 1) -> torch.Tensor:
+    """One uniformly random base token per window (ToMe-style anchors), ``[B, M]``, the same in
+    every one of the batch's ``chunks`` (:func:`chunk_draw`)."""
     m = grid.window_count(sy, sx)
-    local = torch.randint(0, sy * sx, (batch, m), generator=generator, device=generator.device if generator is not None else device)
-    return _member_tokens(local.to(device), grid, sy, sx)
+    local = chunk_draw(torch.randint, batch, m, generator, device, chunks, low=0, high=sy * sx)
+    return _member_tokens(local, grid, sy, sx)
 
 
 # Index tables that depend on the grid only are built once per (grid, window, device) and cached:
@@ -126,13 +143,14 @@ def plan_by_similarity_to_base(xn: torch.Tensor, base: torch.Tensor, n_pruned: i
 
 
 def plan_random(batch: int, grid: TokenGrid, n_pruned: int, sy: int, sx: int,
-                generator: torch.Generator | None, device) -> PrunePlan:
+                generator: torch.Generator | None, device, chunks: int = 1) -> PrunePlan:
     """Random pruning with no scoring at all: the cost-free baseline ("ceiling") of benchmarks.
 
     One random base token per window, ``n_pruned`` random non-base tokens pruned, each
-    recovered from the base token of its own window (border tokens from the nearest window).
+    recovered from the base token of its own window (border tokens from the nearest window);
+    the same draws in each of the batch's ``chunks`` (:func:`chunk_draw`).
     """
-    base = random_base_tokens(batch, grid, sy, sx, generator, device)
+    base = random_base_tokens(batch, grid, sy, sx, generator, device, chunks)
     n = grid.n
     if base.shape[1] == 0:  # grid smaller than one window: no base token can stand in, prune nothing
         everything = torch.arange(n, device=device).expand(batch, -1)
@@ -140,7 +158,7 @@ def plan_random(batch: int, grid: TokenGrid, n_pruned: int, sy: int, sx: int,
         plan.base = base
         return plan
     n_pruned = min(n_pruned, n - base.shape[1])  # base tokens are never pruned
-    noise = torch.rand(batch, n, generator=generator, device=generator.device if generator is not None else device).to(device)
+    noise = chunk_draw(torch.rand, batch, n, generator, device, chunks)
     noise.scatter_(1, base, float("-inf"))
     order = noise.argsort(dim=1, descending=True)
     window_of = _home_windows(grid, sy, sx, torch.device(device))

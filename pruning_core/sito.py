@@ -20,8 +20,9 @@ only (``search="local"``, :func:`selection.plan_by_local_similarity`); ``"global
 with all base tokens as the official code does, at the price of an N×(N/4) similarity.
 
 Deviations from the official code, on purpose: fp32 scores; ``(h, w)`` grids of any shape;
-SimScore in O(N·C) instead of an N×N matrix; noise from a seeded per-run generator instead
-of the global RNG; the ratio is validated instead of crashing past 1 − 1/(sx·sy).
+SimScore in O(N·C) instead of an N×N matrix; noise from a seeded generator instead of the
+global RNG, the same for the cond and uncond rows of a sample (``chunks``); the ratio is
+validated instead of crashing past 1 − 1/(sx·sy).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 
 from .geometry import TokenGrid
 from .recovery import PrunePlan
-from .selection import (normalized, plan_by_local_similarity, plan_by_similarity_to_base, pruned_count,
+from .selection import (chunk_draw, normalized, plan_by_local_similarity, plan_by_similarity_to_base, pruned_count,
                         select_base_tokens, similarity_score, stand_ins_from_kept, validate_prune_ratio)
 
 SEARCHES = ("local", "global")
@@ -62,8 +63,9 @@ def recovery_problem(search: str, recovery: str) -> str | None:
 
 
 def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
-              generator: torch.Generator | None = None) -> PrunePlan | None:
-    """Plan the pruning of ``x`` ``[B, N, C]`` (N = grid.n); None when nothing would be pruned."""
+              generator: torch.Generator | None = None, chunks: int = 1) -> PrunePlan | None:
+    """Plan the pruning of ``x`` ``[B, N, C]`` (N = grid.n); None when nothing would be pruned.
+    The noise is the same in each of the batch's ``chunks`` (CFG halves, :func:`selection.chunk_draw`)."""
     n_base = grid.window_count(cfg.sy, cfg.sx)
     k = pruned_count(cfg.prune_ratio, grid.n, n_base)
     if n_base == 0 or k == 0:
@@ -73,9 +75,8 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
     if cfg.sim_beta != 1.0:
         score = score * cfg.sim_beta
     if cfg.noise_alpha:
-        noise = torch.randn(score.shape, generator=generator,
-                            device=generator.device if generator is not None else score.device)
-        score = score + cfg.noise_alpha * noise.to(score.device)
+        score = score + cfg.noise_alpha * chunk_draw(torch.randn, score.shape[0], score.shape[1], generator,
+                                                     score.device, chunks)
     base = select_base_tokens(score, grid, cfg.sy, cfg.sx)
     return recovery_plan(xn, base, grid, cfg.sy, cfg.sx, k, cfg.search, cfg.recovery)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,34 @@ def test_bench_profile_runs(tmp_path, variant):
         assert any(k.startswith(label) for k in regions), (label, sorted(regions))
         assert label in proc.stdout, label
     assert not any(k.startswith(("select:", "gather:", "dit block")) for k in prof["unpatched"]["regions_ms"])
+
+
+# SiTo taken apart (benchmarks/ablation.py, docs/benchmarks.md "Why SiTo trails ToMe"): each modifier
+# reaches the planner. ToMe rebuilt from the pack's parts costs what ComfyUI's ToMe costs; bN prunes
+# one block call per model call; the DaTo option modifiers combine with a custom schedule.
+ABLATION_VARIANTS = ("unpatched,tome@0.5,sito-rbase-global-merge-qonly-cfgplan@0.5,sito-b0@0.5,"
+                     "sito-rbase-rprune-wstand-cfgkey@0.5,sito-rprune@0.5,sito-wstand-cfgnoise@0.5,"
+                     "dato-custom-align-merge-qonly@0.4")
+
+
+def test_bench_sito_ablation_variants(tmp_path):
+    out = tmp_path / "ablation.json"
+    cmd = [sys.executable, str(BENCH), "--tiny", "--size", "64", "--steps", "1", "--skip-rerun",
+           "--variants", ABLATION_VARIANTS, "--dato-schedule", "F", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    un, tome, rebuilt = rows["unpatched"], rows["tome@0.5"], rows["sito-rbase-global-merge-qonly-cfgplan@0.5"]
+    assert rebuilt["options"]["ablation"] == {"base": "random", "cfg": "plan"}
+    assert rebuilt["options"]["prune_kv"] is False and rebuilt["options"]["recovery"] == "merge"
+    assert rebuilt["flops_per_model_call"] < un["flops_per_model_call"]
+    assert rebuilt["flops_per_model_call"] == pytest.approx(tome["flops_per_model_call"], rel=0.02)
+    calls = {name: re.search(r"in (\d+) block calls", r["pack_summary"] or "") for name, r in rows.items()}
+    assert calls["sito-b0@0.5"] and calls["sito-rprune@0.5"], rows["sito-b0@0.5"]["pack_summary"]
+    assert int(calls["sito-b0@0.5"][1]) == 1 < int(calls["sito-rprune@0.5"][1])  # one model call: one block
+    for name, r in rows.items():
+        assert r["finite"] and math.isfinite(r["rel_error"]), name
+        if name != "unpatched":
+            assert 0.0 < r["rel_error"] < 1.5, (name, r["rel_error"])
+    assert rows["dato-custom-align-merge-qonly@0.4"]["options"] == {
+        "preset": "custom", "schedule": "F", "align_cfg": True, "recovery": "merge", "prune_kv": False}

@@ -20,7 +20,31 @@ from .model_info import transformer_block_paths
 from .patching import register
 from .run import CHANGED_BEFORE, RunState, run_state
 
-Planner = Callable[[torch.Tensor, TokenGrid, RunState], "PrunePlan | None"]
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """What a planner may draw from in one block call, so that the cond and uncond passes of a
+    sample are pruned alike (``pruning_core.selection.chunk_draw`` says why it matters):
+
+    - ``generator`` is seeded from (run seed, step, block), so that the cond and the uncond
+      call of a step draw the same numbers when ComfyUI runs them apart;
+    - ``chunks`` is the number of cond/uncond chunks stacked in this call's batch, whose rows
+      the planner draws once and repeats when ComfyUI runs them together.
+    """
+
+    generator: torch.Generator
+    chunks: int
+    block: tuple  # ComfyUI's ("input" | "middle" | "output", index, transformer index)
+
+
+Planner = Callable[[torch.Tensor, TokenGrid, RunState, BlockCall], "PrunePlan | None"]
+
+
+def block_call(state: RunState, n: torch.Tensor, extra: dict) -> BlockCall:
+    block = tuple(extra.get("block") or ()) + (extra.get("block_index", 0),)
+    chunks = len(extra.get("cond_or_uncond") or ()) or 1
+    return BlockCall(state.keyed_generator(n.device, block), chunks if n.shape[0] % chunks == 0 else 1, block)
 
 
 @dataclass(frozen=True)
@@ -54,8 +78,8 @@ def grid_of_call(n_tokens: int, extra: dict) -> TokenGrid | None:
 def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner) -> None:
     """Register the attention patch pairs (and FF object patches) that prune tokens of ``uid``.
 
-    ``planner(n, grid, state)`` sees ``norm1(x)`` of an eligible block and returns a plan or
-    None. The residual stream is never shortened: every patch that shortens a sequence has a
+    ``planner(n, grid, state, call)`` sees ``norm1(x)`` of an eligible block and returns a plan
+    or None; it draws its random numbers from ``call`` (:class:`BlockCall`). The residual stream is never shortened: every patch that shortens a sequence has a
     partner that restores it before ComfyUI adds the residual.
     """
     plans = _BlockPlans()
@@ -71,7 +95,7 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner) 
             return n, context, value
         if downsample_factor(grid, extra.get("original_shape") or [grid.h, grid.w]) > how.max_downsample:
             return n, context, value
-        plan = planner(n, grid, state)
+        plan = planner(n, grid, state, block_call(state, n, extra))
         if plan is None:
             return n, context, value
         plans.block = plan

@@ -58,6 +58,7 @@ class DaToRun:
     schedule: Schedule
     steps: dict[tuple, StepEntry] = field(default_factory=dict)  # chunk -> last computed call
     dynamics: dict[tuple, Dynamics] = field(default_factory=dict)  # chunk -> prediction dynamics
+    uncond_chunk: tuple | None = None  # the chunk of the last uncond-only call (cond and uncond run apart)
 
 
 @dataclass
@@ -109,13 +110,23 @@ def record_dynamics(run: DaToRun, chunk: tuple, eps) -> None:
     run.dynamics[chunk] = entry
 
 
-def current_dynamics(state: RunState) -> tuple[torch.Tensor | None, TokenGrid | None, list | None]:
+def current_dynamics(state: RunState, align: bool = False) -> tuple[torch.Tensor | None, TokenGrid | None, list | None]:
     """(dynamics map, its grid, cond_or_uncond) of the call being executed, for the token planner;
-    Nones outside a call of this run or before a chunk has two predictions."""
+    Nones outside a call of this run or before a chunk has two predictions.
+
+    ``align`` (DaTo's ``align_cfg``) when ComfyUI runs cond and uncond as separate calls: a cond
+    call gets the uncond chunk's map, so that (with the planner's per-step draws, the same in
+    both calls) the two passes choose the same base tokens, as ``align_rows`` makes them do
+    within one call."""
     call = CALL.current
     if call is None or call.state is not state:
         return None, None, None
-    entry = state.data.dynamics.get(call.chunk)
+    run = state.data
+    entry = run.dynamics.get(call.chunk)
+    if align and call.cond_or_uncond == [0] and run.uncond_chunk is not None:
+        other = run.dynamics.get(run.uncond_chunk)
+        if other is not None and other.map is not None and entry is not None and entry.eps.shape == other.eps.shape:
+            entry = other
     if entry is None or entry.map is None:
         return None, None, call.cond_or_uncond
     return entry.map, entry.grid, call.cond_or_uncond
@@ -137,6 +148,8 @@ def install_step_cache(model, uid: str, min_depth: int) -> None:
             return executor(*args, **kwargs)
         run: DaToRun = state.data
         chunk = chunk_key(to)
+        if to.get("cond_or_uncond") == [1]:
+            run.uncond_chunk = chunk
         entry = run.steps.get(chunk)
         step = step_to_run(state, entry, x, min_depth)
         state.record.step_kinds.setdefault(state.step, step.kind)

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -120,6 +121,15 @@ class RunState(Generic[D]):
                     g = torch.Generator(device=device)
                     g.manual_seed(self.seed)
                     self._generators[device] = g
+        return g
+
+    def keyed_generator(self, device: torch.device, key: tuple) -> torch.Generator:
+        """A generator seeded from (run seed, current step, ``key``): every call with the same
+        key in the same step draws the same numbers, whatever ran before it (the cond and uncond
+        calls of a step, when ComfyUI runs them apart). CPU-side seeding: no device sync."""
+        digest = hashlib.blake2b(repr((self.seed, self.step, key)).encode(), digest_size=8).digest()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(digest, "little") >> 1)
         return g
 
     def skip(self, reason: str) -> None:

@@ -718,3 +718,65 @@ def test_partial_window_follows_the_schedule_inside_and_runs_full_outside(sd15, 
     for k in range(first_in):
         assert torch.equal(log.calls[k]["eps"], plain.calls[k]["eps"]), f"call {k} before the window differs"
     assert not torch.equal(log.calls[first_in]["eps"], plain.calls[first_in]["eps"])
+
+
+def _self_attention_rows(patcher):
+    """(query tokens, key tokens) of every top-level self-attention call, read from the call itself."""
+    rows, handles = [], []
+
+    def hook(module, args, kwargs):
+        shape = (kwargs.get("transformer_options") or {}).get("activations_shape")
+        ctx = kwargs.get("context")
+        if shape is not None and int(shape[-2]) * int(shape[-1]) == HW[0] * HW[1]:
+            rows.append((args[0].shape[1], args[0].shape[1] if ctx is None else ctx.shape[1]))
+    for mod in patcher.model.diffusion_model.modules():
+        if type(mod).__name__ == "BasicTransformerBlock":
+            handles.append(mod.attn1.register_forward_pre_hook(hook, with_kwargs=True))
+    return rows, handles
+
+
+@pytest.mark.parametrize("prune_kv", [True, False])
+def test_prune_kv_decides_whether_keys_are_shortened(sd15, sd15_ref, prune_kv):
+    """Every step full and r=0.5: the queries are shortened either way; the keys and values only
+    with prune_kv on (off: every token stays a key, as ComfyUI's ToMe)."""
+    n = HW[0] * HW[1]
+    m = apply_dato(sd15, prune_ratio=0.5, schedule="pruning_only", prune_kv=prune_kv)
+    rows, handles = _self_attention_rows(sd15)
+    try:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert rows and all(q == n // 2 for q, _ in rows[len(rows) // 2:])  # second step: the dynamics map exists
+    assert {k for _, k in rows} == ({n // 2} if prune_kv else {n})
+    assert torch.isfinite(out).all() and not torch.equal(out, sd15_ref)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("align", [True, False])
+def test_align_cfg_holds_when_cond_and_uncond_run_apart(micro15, monkeypatch, align):
+    """Cond and uncond as separate calls: with align_cfg the cond call plans from the uncond
+    chunk's map and draws the same noise (per step and block), so every block call of a step
+    chooses the same base tokens in both; without it the chunks choose from their own maps."""
+    _, neg = make_conds("sd15", seed=1)
+    pos, _ = make_conds("sd15", seed=0)
+    monkeypatch.setattr(comfy.samplers, "can_concat_cond", lambda c1, c2: c1 is c2)
+    m = apply_dato(micro15, prune_ratio=0.4, custom_schedule="F", align_cfg=align)
+    with CallLog(micro15) as log:
+        spy = PlanSpy(monkeypatch, log)
+        run_sampler(m, latent_hw=HW, batch=1, steps=5, positive=pos, negative=neg)
+    sigmas = sample_sigmas(micro15, 5)
+    by_step: dict = {}
+    for p in spy.seen:
+        call = log.calls[p["call"]]
+        by_step.setdefault(step_of(call["sigma"], sigmas), {}).setdefault(call["cond_or_uncond"][0], []).append(p)
+    compared = 0
+    for step, chunks in by_step.items():
+        assert set(chunks) == {0, 1}
+        for c, u in zip(chunks[0], chunks[1]):
+            if c["map"] is None or u["map"] is None:
+                continue
+            compared += 1
+            assert torch.equal(c["map"], u["map"]) == align
+            assert torch.equal(c["base"], u["base"]) == align
+    assert compared >= 4

@@ -201,10 +201,10 @@ def planted_pruning(model, fn):
     m = model.clone()
     uid = hooks.new_uid("planted")
 
-    def planner(n, grid, state):
+    def planner(n, grid, state, call):
         fn(n)
         k = pruned_count(0.5, grid.n, grid.window_count(2, 2))
-        return plan_random(n.shape[0], grid, k, 2, 2, state.generator(n.device), n.device)
+        return plan_random(n.shape[0], grid, k, 2, 2, call.generator, n.device, call.chunks)
 
     hooks.install_block_pruning(m, uid, hooks.BlockPruning(max_downsample=2), planner)
     hooks.install_run_lifecycle(m, uid, "random", 0.0, 1.0, 0, lambda state: "planted")

@@ -278,3 +278,23 @@ def test_plan_random_grid_smaller_than_window_prunes_nothing(h, w):
     assert plan.n_pruned == 0
     x = torch.randn(2, grid.n, 4)
     assert torch.equal(plan.recover(plan.prune(x)), x)
+
+
+@pytest.mark.parametrize("draw, kwargs", [(torch.rand, {}), (torch.randn, {}), (torch.randint, {"high": 4})])
+def test_chunk_draw_repeats_one_chunk_of_rows(draw, kwargs):
+    """The cond and uncond chunks of a CFG batch get the same rows; rows within a chunk differ;
+    one chunk (or chunks that do not divide the batch) is a plain draw of the whole batch."""
+    from token_pruning_cache.pruning_core.selection import chunk_draw
+    g = lambda: torch.Generator().manual_seed(3)
+    two = chunk_draw(draw, 6, 50, g(), "cpu", chunks=2, **kwargs)
+    assert two.shape == (6, 50) and torch.equal(two[:3], two[3:]) and not torch.equal(two[0], two[1])
+    assert torch.equal(two[:3], chunk_draw(draw, 3, 50, g(), "cpu", **kwargs))  # the first chunk is a plain draw
+    assert torch.equal(chunk_draw(draw, 6, 50, g(), "cpu", chunks=4, **kwargs), chunk_draw(draw, 6, 50, g(), "cpu", **kwargs))
+
+
+def test_random_plans_are_the_same_in_every_chunk():
+    from token_pruning_cache.pruning_core.selection import plan_random
+    grid = TokenGrid(8, 10)
+    plan = plan_random(4, grid, 30, 2, 2, torch.Generator().manual_seed(0), "cpu", chunks=2)
+    assert torch.equal(plan.kept[:2], plan.kept[2:]) and torch.equal(plan.source[:2], plan.source[2:])
+    assert not torch.equal(plan.kept[0], plan.kept[1])

@@ -36,10 +36,11 @@ def parts_planner(ratio: float, base: str, prune: str, stand: str, search: str, 
                   alpha: float = NOISE_ALPHA):
     """A planner ``(n, grid, state, call) -> PrunePlan`` with each of SiTo's parts chosen:
     ``base`` "sim" | "random", ``prune`` "sim" | "random", ``stand`` "nearest" | "window";
-    ``cfg``: how the rows of a CFG batch draw their randomness: "row" (each row its own draws,
-    as the SiTo node), "noise" (one draw for every row), "plan" (the first half's plan for both
-    halves of a batch), "key" (the pack's way: draws keyed by the step and the block, the same
-    for every chunk of the call and for the cond and uncond calls when ComfyUI runs them apart),
+    ``cfg``: how the rows of a CFG batch draw their randomness: "key" (the pack's way: draws
+    keyed by the step and the block, the same for every chunk of the call and for the cond and
+    uncond calls when ComfyUI runs them apart), "row" (each row its own draws from the run's
+    generator, as the pack drew them before), "noise" (one noise row for every row), "plan" (the
+    first half's plan for both halves of a batch),
     "fixed" (as "key", but the same draws at every step: which tokens are pruned and what they
     copy stops changing from step to step)."""
     sel = _selection()
@@ -115,7 +116,7 @@ def block_target(model, block: int, max_downsample: int) -> tuple:
 
 
 def apply_parts(model, ratio: float, *, base="sim", prune="sim", stand="nearest", search="local",
-                recovery="base", prune_kv=True, block=None, cfg="row", max_downsample="auto", seed=0,
+                recovery="base", prune_kv=True, block=None, cfg="key", max_downsample="auto", seed=0,
                 alpha=NOISE_ALPHA):
     """``model`` patched with SiTo's parts chosen as above (a clone; the SiTo node's installation)."""
     problem = pack.validate_prune_ratio(ratio, SX, SY)

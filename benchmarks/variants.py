@@ -148,17 +148,20 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
             v.node_options["per_row"] = True  # each row its own draws: cond and uncond pruned apart
         elif mod[:1] == "a" and mod[1:].replace(".", "", 1).isdigit() and method == "sito":
             v.node_options["noise_alpha"] = float(mod[1:])  # aX: SiTo's noise_alpha X
+        elif mod[:3] == "sim" and mod[3:].replace(".", "", 1).isdigit() and method == "sito":
+            v.node_options["sim_beta"] = float(mod[3:])  # simX: SiTo's sim_beta X (sim0: random base tokens)
         else:
             raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
                              f"random also rowwise; sito also local, global, base, kept, merge, aX = noise_alpha "
-                             f"X, and the ablation's rbase, rprune, wstand, cfgnoise, cfgplan, cfgkey, cfgfixed, bN)")
+                             f"X, simX = sim_beta X, and the ablation's rbase, rprune, wstand, cfgnoise, "
+                             f"cfgplan, cfgkey, cfgfixed, cfgrow, bN)")
     return v
 
 
 # SiTo's parts switched one at a time (benchmarks/ablation.py; benchmark-only, not node options)
 ABLATION_MODIFIERS = {"rbase": {"base": "random"}, "rprune": {"prune": "random"}, "wstand": {"stand": "window"},
                       "cfgnoise": {"cfg": "noise"}, "cfgplan": {"cfg": "plan"}, "cfgkey": {"cfg": "key"},
-                      "cfgfixed": {"cfg": "fixed"}}
+                      "cfgfixed": {"cfg": "fixed"}, "cfgrow": {"cfg": "row"}}
 
 
 def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: bool, mlp: bool, seed: int,

@@ -71,9 +71,12 @@ def sito_plan(x: torch.Tensor, grid: TokenGrid, cfg: SiToConfig,
     if n_base == 0 or k == 0:
         return None
     xn = normalized(x)
-    score = similarity_score(xn)
-    if cfg.sim_beta != 1.0:
-        score = score * cfg.sim_beta
+    if cfg.sim_beta:
+        score = similarity_score(xn)
+        if cfg.sim_beta != 1.0:
+            score = score * cfg.sim_beta
+    else:  # sim_beta 0: base tokens by the noise alone (random per window, as ToMe's), no SimScore
+        score = torch.zeros(xn.shape[:2], dtype=torch.float32, device=xn.device)
     if cfg.noise_alpha:
         score = score + cfg.noise_alpha * chunk_draw(torch.randn, score.shape[0], score.shape[1], generator,
                                                      score.device, chunks)

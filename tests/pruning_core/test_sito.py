@@ -236,3 +236,16 @@ def test_merge_recovery_keeps_sitos_selection_and_averages_the_groups(h, w):
     sums = torch.stack([torch.zeros(b.n_kept, x.shape[-1]).index_add_(0, b.source[r], x[r]) for r in range(2)])
     torch.testing.assert_close(b.prune(x), sums / b.group_sizes().unsqueeze(-1))
     assert b.group_sizes().max() > 1, "nothing was merged"
+
+
+def test_sim_beta_zero_takes_base_tokens_from_the_noise_alone():
+    """sim_beta 0: the base token of each window is the argmax of the noise (random per window,
+    ToMe's anchors), whatever the features; the pruned set is still SiTo's similarity matching."""
+    from token_pruning_cache.pruning_core.selection import select_base_tokens
+    grid = TokenGrid(12, 10)
+    cfg = SiToConfig(prune_ratio=0.5, sim_beta=0.0, noise_alpha=0.1)
+    a = sito_plan(features(2, grid, seed=1), grid, cfg, torch.Generator().manual_seed(4))
+    b = sito_plan(features(2, grid, seed=2), grid, cfg, torch.Generator().manual_seed(4))
+    noise = torch.randn((2, grid.n), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.base, select_base_tokens(noise, grid, 2, 2)) and torch.equal(a.base, b.base)
+    assert not torch.equal(a.kept, b.kept)  # the features still decide what is pruned

@@ -119,23 +119,14 @@ def apply_parts(model, ratio: float, *, base="sim", prune="sim", stand="nearest"
                 recovery="base", prune_kv=True, block=None, cfg="key", max_downsample="auto", seed=0,
                 alpha=NOISE_ALPHA):
     """``model`` patched with SiTo's parts chosen as above (a clone; the SiTo node's installation)."""
-    problem = pack.validate_prune_ratio(ratio, SX, SY)
-    if problem:
-        raise ValueError(f"SiTo parts: {problem}")
-    factor, warning = pack.resolve_max_downsample(model, str(max_downsample))
-    if factor is None:
-        raise ValueError(f"SiTo parts: {warning}")
-    m = model.clone()
-    uid = pack.new_uid("sito-parts")
-    planner = parts_planner(ratio, base, prune, stand, search, recovery, cfg, alpha)
-    if block is not None:
-        target, full = block_target(m, block, factor), planner
-        planner = lambda n, grid, state, call: full(n, grid, state, call) if call.block[:2] == target else None
+    import variants
 
-    def summary(state):
-        return f"sito parts: r={ratio:g}: {state.summary_levels()}; active in {len(state.active_steps)}/{state.total_steps} steps"
+    def make_planner(m, factor):
+        planner = parts_planner(ratio, base, prune, stand, search, recovery, cfg, alpha)
+        if block is None:
+            return planner
+        target = block_target(m, block, factor)
+        return lambda n, grid, state, call: planner(n, grid, state, call) if call.block[:2] == target else None
 
-    pack.install_block_pruning(m, uid, pack.BlockPruning(self_attn=True, prune_kv=prune_kv, max_downsample=factor),
-                               planner)
-    pack.install_run_lifecycle(m, uid, "sito-parts", 0.0, 1.0, seed, summary)
-    return m
+    return variants.install_planner(model, "sito parts", ratio, max_downsample, make_planner, seed, SX, SY,
+                                    self_attn=True, prune_kv=prune_kv)

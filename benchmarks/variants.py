@@ -164,18 +164,32 @@ ABLATION_MODIFIERS = {"rbase": {"base": "random"}, "rprune": {"prune": "random"}
                       "cfgfixed": {"cfg": "fixed"}, "cfgrow": {"cfg": "row"}}
 
 
+def install_planner(model, label: str, ratio: float, max_downsample: str, make_planner, seed: int,
+                    sx: int = 2, sy: int = 2, **how):
+    """A clone of ``model`` with the planner ``make_planner(clone, factor)`` installed through the
+    pack's block pruning and run lifecycle, as the SiTo node installs its own (``how``: the
+    :class:`BlockPruning` fields besides ``max_downsample``)."""
+    problem = pack.validate_prune_ratio(ratio, sx, sy)
+    if problem:
+        raise ValueError(f"{label}: {problem}")
+    factor, warning = pack.resolve_max_downsample(model, str(max_downsample))
+    if factor is None:
+        raise ValueError(f"{label}: {warning}")
+    m = model.clone()
+    uid = pack.new_uid(label.replace(" ", "-"))
+
+    def summary(state):
+        return (f"{label}: r={ratio:g}, levels up to 1/{factor}: {state.summary_levels()}; "
+                f"active in {len(state.active_steps)}/{state.total_steps} steps")
+
+    pack.install_block_pruning(m, uid, pack.BlockPruning(max_downsample=factor, **how), make_planner(m, factor))
+    pack.install_run_lifecycle(m, uid, label, 0.0, 1.0, seed, summary)
+    return m
+
+
 def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: bool, mlp: bool, seed: int,
                  sx: int = 2, sy: int = 2, per_row: bool = False):
     """Random pruning, installed exactly like ``apply_sito`` but with ``plan_random`` as planner."""
-    problem = pack.validate_prune_ratio(ratio, sx, sy)
-    if problem:
-        raise ValueError(f"random pruning: {problem}")
-    factor, warning = pack.resolve_max_downsample(model, str(max_downsample))
-    if factor is None:
-        raise ValueError(f"random pruning: {warning}")
-    m = model.clone()
-    uid = pack.new_uid("random")
-
     def planner(n, grid, state, call):
         k = pack.pruned_count(ratio, grid.n, grid.window_count(sy, sx))
         if k == 0 or grid.window_count(sy, sx) == 0:
@@ -184,15 +198,8 @@ def apply_random(model, ratio: float, max_downsample: str, qonly: bool, xattn: b
             return pack.plan_random(n.shape[0], grid, k, sy, sx, state.generator(n.device), n.device)
         return pack.plan_random(n.shape[0], grid, k, sy, sx, call.generator, n.device, call.chunks)
 
-    def summary(state):
-        return (f"random: r={ratio:g}, levels up to 1/{factor}: {state.summary_levels()}; "
-                f"active in {len(state.active_steps)}/{state.total_steps} steps")
-
-    pack.install_block_pruning(m, uid, pack.BlockPruning(self_attn=True, cross_attn=xattn, mlp=mlp,
-                                                         prune_kv=not qonly, max_downsample=factor),
-                               planner)
-    pack.install_run_lifecycle(m, uid, "random", 0.0, 1.0, seed, summary)
-    return m
+    return install_planner(model, "random", ratio, max_downsample, lambda m, factor: planner, seed, sx, sy,
+                           self_attn=True, cross_attn=xattn, mlp=mlp, prune_kv=not qonly)
 
 
 def patch(base, v: Variant, seed: int):

@@ -51,6 +51,9 @@ INTERNALS = {
     "cat_core": ("pruning_core.cat", None),  # merge_prediction
     "CATState": ("pruning_core.cat", "CATState"),
     "PrunePlan": ("pruning_core.recovery", "PrunePlan"),
+    # the preview node's drawing of a run's records (benchmarks/preview_maps.py)
+    "preview_render": ("nodes.preview_node", "render"),
+    "last_records": ("nodes.hooks", "last_records"),
 }
 
 

@@ -28,12 +28,24 @@ PRESETS = {
     "deepcache_10": lambda n, d: sched.Schedule.deepcache(n, 10, d),
     "pruning_only": lambda n, d: sched.Schedule.pruning_only(n),
 }
+# Found by benchmarks/schedule_search.py for 20 euler steps on the reference model (NSGA-II,
+# benchmarks/results/schedule-search-20-euler.md; held-out error against dato_official's 0.376
+# at 4.98x FLOPs-ideal): "balanced" 0.248 at 4.92x (searched at prune_ratio 0), "fast" 0.340 at
+# 6.64x (searched at prune_ratio 0.1). Their step depths are their own (cache_depth does not
+# apply); resampled like the other lists at other step counts.
+SEARCHED = {
+    "searched_20_balanced": "F Rx3 F Rx2 F Rx2 S1 Rx3 S2 Rx3 S2 S1",
+    "searched_20_fast": "F Rx3 S1 Rx2 F Rx2 S1 Rx3 S1 Rx2 S3 Rx2",
+}
+PRESETS.update({name: (lambda n, d, text=text: sched.Schedule.parse(text).resample(n)) for name, text in SEARCHED.items()})
 DEFAULT_PRESET = "dato_official"
 PRESET_HELP = ("dato_official: the schedule of the paper's final runs (5 full / 20 shallow / 25 reused at 50 steps, "
                "~7x), each kind of step keeping its share at other step counts (3 / 8 / 9 at 20 steps); "
                "dato_official_dense: the same list keeping all 5 full steps at any step count (slower below 50 "
                "steps, closer to the unpatched image); dato_aggressive: ours, ~9x at 50 steps; deepcache_5/10: a "
-               "full step every 5/10 steps, shallow in between; pruning_only: every step full, token pruning only.")
+               "full step every 5/10 steps, shallow in between; pruning_only: every step full, token pruning only; "
+               "searched_20_balanced / searched_20_fast: found by the pack's schedule search for 20 steps (use "
+               "prune_ratio 0 / 0.1): more faithful than dato_official at its speed / faster at better fidelity.")
 SYNTAX_HELP = ("Steps separated by spaces: F = full, S2 = shallow with 2 outer block pairs, R = reuse the previous "
                "prediction, S1x3 = three S1 steps. E.g. 'F S1x4 F R S1x3'. Resampled to the step count; step 0 is always full.")
 

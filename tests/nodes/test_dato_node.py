@@ -780,3 +780,20 @@ def test_align_cfg_holds_when_cond_and_uncond_run_apart(micro15, monkeypatch, al
             assert torch.equal(c["map"], u["map"]) == align
             assert torch.equal(c["base"], u["base"]) == align
     assert compared >= 4
+
+
+@pytest.mark.parametrize("preset, counts", [("searched_20_balanced", (3, 4, 13, 20)),
+                                            ("searched_20_fast", (2, 4, 14, 20))])
+def test_searched_presets_run_their_lists_at_20_steps(sd15, preset, counts, caplog):
+    """The schedule search's presets: at 20 steps exactly the searched list (fixed counts of
+    full / shallow / reused steps), followed call by call through the real sampler."""
+    from token_pruning_cache.nodes.dato_node import SEARCHED
+    m = apply_dato(sd15, prune_ratio=0.0, schedule=preset)
+    sigmas = sample_sigmas(sd15, 20)
+    with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=20, cfg=1.0)
+    assert torch.isfinite(out).all()
+    schedule = Schedule.parse(SEARCHED[preset])
+    assert expected_counts(schedule) == counts
+    assert assert_calls_follow(log, schedule, sigmas) == list(range(20))
+    assert summaries(caplog) == [counts]

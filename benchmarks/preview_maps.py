@@ -38,9 +38,7 @@ def main(argv=None) -> Path:
     qargs = quality.parse_args(["--steps", str(args.steps), "--comfyui", args.comfyui])
     quality.bootstrap(qargs)
     import torch.nn.functional as F
-    from PIL import Image
-
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     def to_pil(t):
         return Image.fromarray((t.clamp(0, 1) * 255).byte().numpy())

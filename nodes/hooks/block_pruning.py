@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -21,21 +22,26 @@ from .patching import register
 from .run import CHANGED_BEFORE, RunState, run_state
 
 
-
 @dataclass(frozen=True)
 class BlockCall:
     """What a planner may draw from in one block call, so that the cond and uncond passes of a
     sample are pruned alike (``pruning_core.selection.chunk_draw`` says why it matters):
 
     - ``generator`` is seeded from (run seed, step, block), so that the cond and the uncond
-      call of a step draw the same numbers when ComfyUI runs them apart;
+      call of a step draw the same numbers when ComfyUI runs them apart; it is made on first
+      use, so a planner that draws nothing (DaTo at ratio 0, SiTo without noise) costs nothing;
     - ``chunks`` is the number of cond/uncond chunks stacked in this call's batch, whose rows
       the planner draws once and repeats when ComfyUI runs them together.
     """
 
-    generator: torch.Generator
+    state: RunState
+    device: torch.device
     chunks: int
     block: tuple  # ComfyUI's ("input" | "middle" | "output", index, transformer index)
+
+    @cached_property
+    def generator(self) -> torch.Generator:
+        return self.state.keyed_generator(self.device, self.block)
 
 
 Planner = Callable[[torch.Tensor, TokenGrid, RunState, BlockCall], "PrunePlan | None"]
@@ -44,7 +50,7 @@ Planner = Callable[[torch.Tensor, TokenGrid, RunState, BlockCall], "PrunePlan | 
 def block_call(state: RunState, n: torch.Tensor, extra: dict) -> BlockCall:
     block = tuple(extra.get("block") or ()) + (extra.get("block_index", 0),)
     chunks = len(extra.get("cond_or_uncond") or ()) or 1
-    return BlockCall(state.keyed_generator(n.device, block), chunks if n.shape[0] % chunks == 0 else 1, block)
+    return BlockCall(state, n.device, chunks if n.shape[0] % chunks == 0 else 1, block)
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,9 @@ def install_block_pruning(model, uid: str, how: BlockPruning, planner: Planner) 
     """Register the attention patch pairs (and FF object patches) that prune tokens of ``uid``.
 
     ``planner(n, grid, state, call)`` sees ``norm1(x)`` of an eligible block and returns a plan
-    or None; it draws its random numbers from ``call`` (:class:`BlockCall`). The residual stream is never shortened: every patch that shortens a sequence has a
-    partner that restores it before ComfyUI adds the residual.
+    or None; it draws its random numbers from ``call`` (:class:`BlockCall`). The residual stream
+    is never shortened: every patch that shortens a sequence has a partner that restores it
+    before ComfyUI adds the residual.
     """
     plans = _BlockPlans()
 

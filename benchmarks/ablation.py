@@ -13,6 +13,11 @@ the pack's own selection pieces (``pruning_core.selection``), installed exactly 
 (the pack's block pruning and run lifecycle), so that one part at a time can be switched to ToMe's
 or to chance: ``sito-rbase-global-merge-qonly`` is ToMe rebuilt from our parts. ``bN`` prunes only
 the N-th eligible transformer block (in the order the forward runs them), for the per-block error.
+``xin`` measures the similarities (SimScore, the pruned set, the stand-ins) on the block input
+instead of on ``norm1``'s output, which is what the attention patch sees: the official SiTo scores
+the block input. The patch recovers it from ``norm1(x)`` through the norm's own weight and bias,
+``(n - b) / w`` = the block input minus its per-token mean, divided by its per-token spread; the
+spread cancels in a cosine, the mean does not come back (it is the one difference left).
 Benchmark-only: none of this is a node option.
 """
 from __future__ import annotations
@@ -33,7 +38,7 @@ def _selection():
 
 
 def parts_planner(ratio: float, base: str, prune: str, stand: str, search: str, recovery: str, cfg: str,
-                  alpha: float = NOISE_ALPHA):
+                  alpha: float = NOISE_ALPHA, space=None):
     """A planner ``(n, grid, state, call) -> PrunePlan`` with each of SiTo's parts chosen:
     ``base`` "sim" | "random", ``prune`` "sim" | "random", ``stand`` "nearest" | "window";
     ``cfg``: how the rows of a CFG batch draw their randomness: "key" (the pack's way: draws
@@ -42,7 +47,8 @@ def parts_planner(ratio: float, base: str, prune: str, stand: str, search: str, 
     generator, as the pack drew them before), "noise" (one noise row for every row), "plan" (the
     first half's plan for both halves of a batch),
     "fixed" (as "key", but the same draws at every step: which tokens are pruned and what they
-    copy stops changing from step to step)."""
+    copy stops changing from step to step). ``space``: None (similarities of ``norm1(x)``) or
+    ``{block: (weight, bias)}`` of each block's ``norm1``, to measure them on the block input."""
     sel = _selection()
     sito = pack.sito_core
 
@@ -76,7 +82,11 @@ def parts_planner(ratio: float, base: str, prune: str, stand: str, search: str, 
             return None
         g, rows, times = draws(n, state, call)
         b = n.shape[0]
-        xn = sel.normalized(n)
+        if space is None:
+            xn = sel.normalized(n)
+        else:  # undo norm1's affine: the block input, centred and scaled per token
+            weight, bias = space[call.block]
+            xn = sel.normalized((n - bias) / torch.where(weight.abs() < 1e-6, 1e-6, weight))
 
         def noise(fn):
             rows_shape = (1 if cfg == "noise" else rows, grid.n)
@@ -115,14 +125,29 @@ def block_target(model, block: int, max_downsample: int) -> tuple:
             0 if part == "middle_block" else int(index))
 
 
+def norm1_affines(model, max_downsample: int) -> dict:
+    """``{block: (weight, bias)}`` of the ``norm1`` of every eligible transformer block, keyed as the
+    pack's ``BlockCall.block`` names it (ComfyUI's ``extra_options["block"]`` + the block index)."""
+    dm = model.model.diffusion_model
+    parts = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+    out = {}
+    for path in pack.transformer_block_paths(model, max_downsample):
+        names = path.split(".")
+        index = 0 if names[0] == "middle_block" else int(names[1])
+        norm = dm.get_submodule(path).norm1
+        out[(parts[names[0]], index, int(names[-1]))] = (norm.weight.detach(), norm.bias.detach())
+    return out
+
+
 def apply_parts(model, ratio: float, *, base="sim", prune="sim", stand="nearest", search="local",
                 recovery="base", prune_kv=True, block=None, cfg="key", max_downsample="auto", seed=0,
-                alpha=NOISE_ALPHA):
+                alpha=NOISE_ALPHA, space="norm1"):
     """``model`` patched with SiTo's parts chosen as above (a clone; the SiTo node's installation)."""
     import variants
 
     def make_planner(m, factor):
-        planner = parts_planner(ratio, base, prune, stand, search, recovery, cfg, alpha)
+        affines = norm1_affines(m, factor) if space == "input" else None
+        planner = parts_planner(ratio, base, prune, stand, search, recovery, cfg, alpha, affines)
         if block is None:
             return planner
         target = block_target(m, block, factor)

@@ -8,7 +8,11 @@ Everything runs in ONE process on ONE model with the same seed, noise and condit
    filled with seeded random weights -- or, with ``--family mmdit``, an SD3-medium-shaped
    MMDiT (``comfy.supported_models.SD3`` / ``comfy.model_base.SD3``: the real per-block shape,
    hidden 1536 = 24 heads x 64, patch 2, 16 latent channels, 154 x 4096 text context, pooled
-   2048, but only ``--dit-depth`` joint blocks instead of 24) -- or a real checkpoint given
+   2048, but only ``--dit-depth`` joint blocks instead of 24) -- or, with ``--family wan``, a
+   Wan-2.1-1.3B-shaped video DiT (``comfy.supported_models.WAN21_T2V``: width 1536 = 12 heads x
+   128, FFN 8960, patch 1x2x2, umT5 context 512 x 4096; ``--frames`` video frames) or, with
+   ``--family qwen``, a Qwen-Image-shaped DiT (width 3072 = 24 heads x 128, patch 2, Qwen2.5-VL
+   context width 3584), each with ``--dit-depth`` of its blocks -- or a real checkpoint given
    with ``--checkpoint``;
 2. every variant is sampled with ComfyUI's real sampler (``comfy.sample.sample``, CFG, so a
    batch-1 latent becomes batch-2 UNet calls), the unpatched model first and once more at the
@@ -51,11 +55,13 @@ Variants are ``method[-modifier...][@ratio]``:
                                  ds2 / ds4  also prune the 1/2 (and 1/4) resolution levels
                                  xattn  also prune cross-attention queries;  mlp  also the FF
   dato[-official|-official-dense|-aggressive]@R, deepcache[-5|-10]@R   this pack's DaTo node (UNet only)
+  dato-searched-20-balanced@R    DaTo with a preset of the schedule search (searched_20_balanced; any
+                                 searched_<steps>_<name> preset of the node)
   dato-custom@R                  DaTo with the schedule given by --dato-schedule (the node's
                                  custom_schedule syntax, resampled to --steps like the node does)
   cat@R                          this pack's CAT node (keep_ratio R; UNet and DiT)
   easycache@T, lazycache@T       ComfyUI core's EasyCache / LazyCache nodes (reuse_threshold T)
-On the MMDiT only unpatched, cat, lazycache and easycache apply (SiTo, DaTo/DeepCache, ToMe and
+On the DiTs (mmdit, wan, qwen) only unpatched, cat, lazycache and easycache apply (SiTo, DaTo/DeepCache, ToMe and
 random pruning patch the UNet's SpatialTransformer blocks); anything else is refused up front.
 See benchmarks/README.md for usage.
 
@@ -87,6 +93,7 @@ from variants import family_problem, parse_variant  # noqa: E402
 DEFAULT_VARIANTS = ("unpatched,tome@0.5,tome@0.7,random@0.5,random@0.7,sito@0.3,sito@0.5,sito@0.7,"
                     "sito-qonly@0.5,sito-ds2@0.5")
 DEFAULT_DIT_VARIANTS = "unpatched,cat@0.3,lazycache@0.2"
+DIT_FAMILIES = ("mmdit", "wan", "qwen")  # --family choices that are DiTs (CAT and the core caches only)
 
 log = logging.getLogger("bench")
 
@@ -96,9 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None,
                    help="a real SD1.x/SD2.x/SDXL checkpoint (.safetensors/.ckpt); default: a random-weight SD1.5 UNet")
-    p.add_argument("--family", choices=("sd15", "sdxl", "mmdit"), default="sd15",
+    p.add_argument("--family", choices=("sd15", "sdxl") + DIT_FAMILIES, default="sd15",
                    help="random-weight model: sd15 = the SD1.5 UNet (default); sdxl = the SDXL base UNet; mmdit = an "
-                        "SD3-medium-shaped MMDiT (real block width, --dit-depth joint blocks)")
+                        "SD3-medium-shaped MMDiT; wan = a Wan-2.1-1.3B-shaped video DiT; qwen = a Qwen-Image-shaped "
+                        "DiT (the DiTs: real block width, --dit-depth blocks)")
     p.add_argument("--device", choices=device.DEVICES, default="cpu",
                    help="where the model runs (default cpu); cuda: the current CUDA GPU, CUDA-event timing, peak GPU "
                         "memory")
@@ -113,10 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed whole runs of every variant before the timed ones (default 1 on cuda, 0 on cpu, "
                         "where the FLOPs pass is the warm-up)")
     p.add_argument("--dit-depth", type=int, default=2,
-                   help="--family mmdit: number of joint blocks (SD3 medium has 24; default 2)")
+                   help="--family mmdit / wan / qwen: number of blocks (SD3 medium has 24, Wan 1.3B 30, Qwen-Image "
+                        "60; default 2)")
+    p.add_argument("--frames", type=int, default=9,
+                   help="--family wan: video frames, 4k+1 (the latent has (frames-1)/4+1 frames; default 9)")
     p.add_argument("--tiny", action="store_true",
-                   help="smoke-test model: SD1.5 family shrunk to two levels / one res block; with --family mmdit "
-                        "hidden 256 (4 heads) instead of 1536 (not for reported numbers)")
+                   help="smoke-test model: SD1.5 family shrunk to two levels / one res block; the DiTs at width 256 "
+                        "(not for reported numbers)")
     p.add_argument("--steps", type=int, default=2, help="sampler steps per image (default 2)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels; the latent is size/8 (default 512)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (overrides --size)")
@@ -129,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the schedule of the dato-custom variant, in the node's custom_schedule syntax, "
                         "e.g. \"F S1 R S1x3 R S1 Rx4 S1x2 F Rx3 S1 R\"")
     p.add_argument("--variants", default=None,
-                   help=f"comma-separated list (default: {DEFAULT_VARIANTS}; with --family mmdit: "
+                   help=f"comma-separated list (default: {DEFAULT_VARIANTS}; on a DiT family: "
                         f"{DEFAULT_DIT_VARIANTS})")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per variant, fastest kept (default 1)")
     p.add_argument("--paired", action="store_true",
@@ -163,9 +174,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0 (got {args.warmup})")
     if args.variants is None:
-        args.variants = DEFAULT_DIT_VARIANTS if args.family == "mmdit" else DEFAULT_VARIANTS
+        args.variants = DEFAULT_DIT_VARIANTS if args.family in DIT_FAMILIES else DEFAULT_VARIANTS
     if args.dit_depth < 1:
         p.error(f"--dit-depth must be >= 1 (got {args.dit_depth})")
+    if args.frames < 1 or (args.frames - 1) % 4:
+        p.error(f"--frames must be 4k+1 (1, 5, 9, 13, ...; got {args.frames}): the video VAE makes one latent frame of "
+                f"the first and one of every 4 after it")
     if args.checkpoint and args.family != "sd15":
         p.error("--family chooses the random-weight model; with --checkpoint the checkpoint decides the family")
     try:
@@ -174,8 +188,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             variants.append(parse_variant(args.profile, args.dato_schedule))
     except ValueError as e:
         p.error(str(e))
-    if args.family == "mmdit":
-        problem = family_problem(variants, "mmdit")
+    if args.family in DIT_FAMILIES:
+        problem = family_problem(variants, args.family)
         if problem:
             p.error(problem)
     return args

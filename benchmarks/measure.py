@@ -251,9 +251,12 @@ def prepare_testbed(args, variants: list[Variant]) -> Testbed:
 
     bed = make_testbed(args, base, model_info)
     if family != "unet":
-        model_info["image_tokens"] = ((bed.latent.shape[2] + 1) // 2) * ((bed.latent.shape[3] + 1) // 2)  # patch 2
+        patch = model_info.get("patch", [2, 2])  # tokens per latent axis: ceil(size / patch)
+        model_info["image_tokens"] = math.prod(-(-n // p) for n, p in zip(bed.latent.shape[2:], patch))
+        model_info["latent"] = list(bed.latent.shape)
         model_info["text_tokens"] = int(bed.pos[0][0].shape[1])
-    if any(v.method == "easycache" for v in variants) and not diffusion_model_wrappers_run(base, bed.pos, bed.neg):
+    if any(v.method == "easycache" for v in variants) and not diffusion_model_wrappers_run(base, bed.pos, bed.neg,
+                                                                                         bed.latent):
         raise SystemExit(
             f"easycache: ComfyUI's EasyCache works through the DIFFUSION_MODEL wrapper, which this model's "
             f"forward ({type(dm).__name__}, ComfyUI {comfyui_version()}) never calls: it would skip "

@@ -2,8 +2,9 @@
 
 ``build_model`` gives a real checkpoint (``load_checkpoint``) or a random-weight model built
 with ComfyUI's own classes: the SD1.5 UNet (``build_random_sd15``), the SDXL base UNet
-(``build_random_sdxl``) or an SD3-medium-shaped MMDiT (``build_random_mmdit``), in the dtype of
-``--dtype``; ``model_family`` says which kind the pack sees in it.
+(``build_random_sdxl``), an SD3-medium-shaped MMDiT (``build_random_mmdit``), a Wan-2.1-1.3B- or
+Qwen-Image-shaped DiT (``build_random_dit``), in the dtype of ``--dtype``; ``model_family`` says which
+kind the pack sees in it.
 ``make_testbed`` adds what every variant shares, the latent, noise and random text conds
 (``make_inputs``) and the sampler settings, as a ``Testbed`` that samples a model.
 ``diffusion_model_wrappers_run`` probes whether a model's forward runs ComfyUI's
@@ -68,6 +69,32 @@ SD3_MEDIUM_CONFIG = {
 SD3_MEDIUM_BLOCKS = 24
 SD3_TEXT_TOKENS = 154  # 77 CLIP-L/G + 77 T5 tokens, as ComfyUI's SD3 text encoder pads them
 TINY_MMDIT_WIDTH_UNITS = 4  # --tiny --family mmdit: hidden 256 = 4 heads x 64
+
+
+# Wan 2.1 text-to-video 1.3B as comfy.model_detection reads it from the released checkpoint: dim
+# 1536 = 12 heads x 128, FFN 8960, 256-wide frequency embedding, patch (1, 2, 2) on the 16-channel
+# latent of the Wan 2.1 VAE (4x in time, 8x in space), umT5-XXL context 512 x 4096, q/k RMS norms
+# and cross-attention norm; 30 blocks. ``num_layers`` is set from --dit-depth.
+WAN21_1_3B_CONFIG = {
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
+    "dim": 1536, "ffn_dim": 8960, "freq_dim": 256, "text_dim": 4096, "out_dim": 16, "num_heads": 12,
+    "num_layers": 30, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+WAN_TEXT_TOKENS = 512  # ComfyUI's umT5 tokenizer pads Wan prompts to 512 tokens
+# Qwen-Image (20 B): 60 dual-stream blocks of width 3072 = 24 heads x 128 (MLP 4x), patch 2 on the
+# 16-channel Wan 2.1 VAE latent (64 input channels after packing), Qwen2.5-VL context of width 3584,
+# rotary axes 16 + 56 + 56. ``num_layers`` is set from --dit-depth.
+QWEN_IMAGE_CONFIG = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56),
+}
+# Qwen-Image's text encoder keeps a prompt's own tokens (no padding); a prompt of one or two sentences
+QWEN_TEXT_TOKENS = 64
+# the DiT families of build_random_dit: (supported_models class, config, depth key, real depth)
+DIT_FAMILIES = {
+    "wan": ("WAN21_T2V", WAN21_1_3B_CONFIG, "num_layers", 30),
+    "qwen": ("QwenImage", QWEN_IMAGE_CONFIG, "num_layers", 60),
+}
 
 
 def _fill_random_(module, seed: int) -> None:
@@ -191,7 +218,60 @@ def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False, dtype: st
         "patch_size": cfg["patch_size"], "latent_channels": cfg["in_channels"],
         "context": [SD3_TEXT_TOKENS, cfg["context_embedder_config"]["params"]["in_features"]],
         "pooled": cfg["adm_in_channels"], "pos_embed_max_size": cfg["pos_embed_max_size"],
-        "init": "make_checkpoint.seeded_fill_",
+        "init": "make_checkpoint.seeded_fill_", "patch": [2, 2],
+    }
+    return patcher, info
+
+
+def build_random_dit(family: str, seed: int, blocks: int = 1, tiny: bool = False, dtype: str = "fp32"):
+    """A Wan-2.1-1.3B-shaped (``family`` "wan") or Qwen-Image-shaped ("qwen") DiT from ComfyUI's own
+    classes (``comfy.supported_models.WAN21_T2V`` -> ``model_base.WAN21``, ``QwenImage`` ->
+    ``model_base.QwenImage``), seeded random weights: every block has the real shape (width, heads,
+    MLP, patching, context width), only the number of blocks is ``blocks``. ``tiny``: 2 heads of 128
+    (width 256) for smoke tests. Weights: ``make_checkpoint.seeded_fill_``, as for the MMDiT.
+    """
+    import copy
+
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from make_checkpoint import seeded_fill_
+
+    class_name, config, depth_key, real_depth = DIT_FAMILIES[family]
+    cfg = copy.deepcopy(config)
+    cfg[depth_key] = blocks
+    if tiny and family == "wan":
+        cfg.update(dim=256, ffn_dim=512, num_heads=2)
+    elif tiny:
+        cfg.update(num_attention_heads=2)
+    mc = getattr(comfy.supported_models, class_name)(cfg)
+    mc.set_inference_dtype(torch_dtype(dtype), None)
+    model = mc.get_model({})
+    seeded_fill_(model.diffusion_model, seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+    params = sum(p.numel() for p in model.diffusion_model.parameters())
+    tag = "TINY " if tiny else ""
+    if family == "wan":
+        width, heads, patch = cfg["dim"], cfg["num_heads"], tuple(cfg["patch_size"])
+        shape = (f"{tag}Wan-2.1-1.3B-shaped DiT (ComfyUI `model_base.WAN21`): {blocks} of its {real_depth} blocks at "
+                 f"width {width} = {heads} heads x {width // heads}, FFN {cfg['ffn_dim']}, patch 1x2x2, "
+                 f"{cfg['in_dim']} latent channels, umT5 context {WAN_TEXT_TOKENS}x{cfg['text_dim']}")
+        context = [WAN_TEXT_TOKENS, cfg["text_dim"]]
+    else:
+        heads = cfg["num_attention_heads"]
+        width, patch = heads * cfg["attention_head_dim"], (1, cfg["patch_size"], cfg["patch_size"])
+        shape = (f"{tag}Qwen-Image-shaped DiT (ComfyUI `model_base.QwenImage`): {blocks} of its {real_depth} "
+                 f"dual-stream blocks at width {width} = {heads} heads x {cfg['attention_head_dim']}, MLP 4x, patch 2, "
+                 f"16 latent channels, Qwen2.5-VL context {QWEN_TEXT_TOKENS}x{cfg['joint_attention_dim']}")
+        context = [QWEN_TEXT_TOKENS, cfg["joint_attention_dim"]]
+    info = {
+        "source": "random", "family": {"wan": "Wan2.1-1.3B", "qwen": "Qwen-Image"}[family] + ("-tiny" if tiny else ""),
+        "seed": seed, "blocks": blocks, "real_blocks": real_depth, "hidden_size": width, "heads": heads,
+        "patch": list(patch), "context": context, "init": "make_checkpoint.seeded_fill_",
+        "description": f"{shape}, {params / 1e6:.0f} M parameters, random seeded weights",
     }
     return patcher, info
 
@@ -203,6 +283,8 @@ def build_model(args):
         return load_checkpoint(args.checkpoint)
     if args.family == "mmdit":
         return build_random_mmdit(args.seed, blocks=args.dit_depth, tiny=args.tiny, dtype=dtype)
+    if args.family in DIT_FAMILIES:
+        return build_random_dit(args.family, args.seed, blocks=args.dit_depth, tiny=args.tiny, dtype=dtype)
     if args.family == "sdxl":
         return build_random_sdxl(args.seed, tiny=args.tiny, dtype=dtype)
     return build_random_sd15(args.seed, tiny=args.tiny, dtype=dtype)
@@ -226,22 +308,33 @@ def load_checkpoint(path: str):
                      "family": type(patcher.model.model_config).__name__}
 
 
-def make_inputs(patcher, width: int, height: int, seed: int):
-    """Latent, noise and random text conds of the right shape for this model (same for every variant)."""
+def make_inputs(patcher, width: int, height: int, seed: int, frames: int = 1):
+    """Latent, noise and random text conds of the right shape for this model (same for every variant).
+
+    Video models (Wan) get ``frames`` video frames, ``(frames - 1) // 4 + 1`` latent frames (the
+    Wan 2.1 VAE's 4x temporal compression, as EmptyHunyuanLatentVideo makes them); Qwen-Image one.
+    """
     import torch
     import comfy.sample
     import comfy.model_base
     unet_cfg = patcher.model.model_config.unet_config
     ctx_dim = unet_cfg.get("context_dim") or 768
     tokens, pooled = 77, None
+    channels = patcher.model.latent_format.latent_channels
+    shape = (1, channels, height // 8, width // 8)
     if isinstance(patcher.model, comfy.model_base.SD3):
         # SD3: CLIP-L+G (padded to 4096) and T5 tokens concatenated, 77 + 77; pooled CLIP-L+G 2048 -> y
         ctx_dim = unet_cfg["context_embedder_config"]["params"]["in_features"]
         tokens, pooled = SD3_TEXT_TOKENS, unet_cfg.get("adm_in_channels") or 2048
+    elif isinstance(patcher.model, comfy.model_base.WAN21):
+        ctx_dim, tokens = unet_cfg["text_dim"], WAN_TEXT_TOKENS
+        shape = (1, channels, (frames - 1) // 4 + 1, height // 8, width // 8)
+    elif isinstance(patcher.model, comfy.model_base.QwenImage):
+        ctx_dim, tokens = unet_cfg["joint_attention_dim"], QWEN_TEXT_TOKENS
+        shape = (1, channels, 1, height // 8, width // 8)
     elif unet_cfg.get("adm_in_channels"):  # SDXL-type: pooled text embedding for the ADM vector
         pooled = 1280
-    channels = patcher.model.latent_format.latent_channels
-    latent = torch.zeros(1, channels, height // 8, width // 8)
+    latent = torch.zeros(shape)
     noise = comfy.sample.prepare_noise(latent, seed)
     g = torch.Generator().manual_seed(seed + 1000)
     if pooled:
@@ -285,16 +378,17 @@ def host_latent(latent):
 
 def make_testbed(args, base, info: dict) -> Testbed:
     """``base`` with the inputs of ``args``' size and seed."""
-    latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed)
+    latent, noise, pos, neg = make_inputs(base, args.width, args.height, args.seed, getattr(args, "frames", 1))
     return Testbed(args, base, info, latent, noise, pos, neg)
 
 
-def diffusion_model_wrappers_run(base, pos, neg) -> bool:
+def diffusion_model_wrappers_run(base, pos, neg, like=None) -> bool:
     """Does this model's forward call ComfyUI's DIFFUSION_MODEL wrappers (which EasyCache needs)?
 
     Not every model class does: in ComfyUI 0.3.75 the UNet, Flux and most video DiTs run them, the
     SD3 MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py) does not - there EasyCache installs
-    without error and never skips a step. One model call on an 8x8 latent with a probe wrapper.
+    without error and never skips a step. One model call on an 8x8 latent (one frame where the
+    benchmark's latent ``like`` has a frame axis) with a probe wrapper.
     """
     import torch
     import comfy.patcher_extension
@@ -308,7 +402,8 @@ def diffusion_model_wrappers_run(base, pos, neg) -> bool:
 
     m = base.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "bench.probe", probe)
-    latent = torch.zeros(1, base.model.latent_format.latent_channels, 8, 8)
+    frames = (1,) if like is not None and like.ndim == 5 else ()
+    latent = torch.zeros(1, base.model.latent_format.latent_channels, *frames, 8, 8)
     comfy.sample.sample(m, torch.zeros_like(latent), 1, 1.0, "euler", "normal", pos, neg, latent, seed=0,
                         disable_pbar=True)
     return bool(hits)

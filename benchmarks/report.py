@@ -84,6 +84,8 @@ def markdown(report: dict) -> str:
     tiny = "TINY " if m["family"].endswith("-tiny") else ""
     if m["source"] != "random":
         model = f"checkpoint `{Path(m['path']).name}` ({m['family']})"
+    elif m.get("description"):
+        model = m["description"]
     elif m.get("arch") == "mmdit":
         shape = ("the real SD3-medium block shape" if not tiny
                  else f"hidden {m['hidden_size']} instead of SD3 medium's 1536")
@@ -109,9 +111,11 @@ def markdown(report: dict) -> str:
                  f"{c['repeats']} run(s).")
         header = "| variant | s / image | speedup | FLOPs-ideal speedup | peak RAM Δ (MiB) | rel. error vs unpatched |"
         rule = "|---|---:|---:|---:|---:|---:|"
+    *frames, lat_h, lat_w = c["latent"][2:]
+    latent = f"{lat_w}×{lat_h}" + (f" × {frames[0]} latent frames ({c['frames']} video frames)" if frames else "")
     lines = [
         f"{model}, {m['dtype'].replace('torch.', '')}; {c['width']}×{c['height']} "
-        f"(latent {c['latent'][3]}×{c['latent'][2]}{tokens}), {c['sampler']}/{c['scheduler']}, {c['steps']} steps, "
+        f"(latent {latent}{tokens}), {c['sampler']}/{c['scheduler']}, {c['steps']} steps, "
         f"CFG {c['cfg']:g}, seed {c['seed']}; {where}",
         "",
         header,
@@ -210,7 +214,8 @@ def build_report(args, measured: Measured) -> dict:
     return {
         "command": "python benchmarks/bench.py " + " ".join(args.argv),
         "config": {
-            "width": args.width, "height": args.height, "latent": list(bed.latent.shape), "steps": args.steps,
+            "width": args.width, "height": args.height, "latent": list(bed.latent.shape),
+            "frames": getattr(args, "frames", 1), "steps": args.steps,
             "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed,
             "repeats": args.repeats, "paired": bool(args.paired), "threads": torch.get_num_threads(),
             "attention": getattr(attn.optimized_attention, "__name__", str(attn.optimized_attention)),

@@ -67,8 +67,8 @@ DATO_OPTION_MODIFIERS = {"align": {"align_cfg": True}, "global": {"similarity_se
 
 # Caching variants (issues 3 and 4): method -> how the ratio is read
 CACHE_METHODS = {
-    "dato": ("prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive) or "
-             "custom; option modifiers align = align_cfg on, global = similarity_search global, kept / merge = "
+    "dato": ("prune_ratio of DaToPruneCache; modifier = schedule preset (official, official-dense, aggressive, "
+             "searched-<steps>-<name>) or custom; option modifiers align = align_cfg on, global = similarity_search global, kept / merge = "
              "recovery, qonly = prune_kv off, nodyn = dynamics_weight 0 (random base tokens)"),
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
@@ -100,6 +100,8 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                 if not (dato_schedule or "").strip():
                     raise ValueError(f"variant {spec!r} needs --dato-schedule")
                 v.preset, v.schedule = "custom", dato_schedule
+            elif preset[:1] == ["searched"]:  # the schedule search's presets: dato-searched-20-balanced
+                v.preset = "_".join(preset)
             else:
                 v.preset = "dato_" + ("_".join(preset) if preset else "official")
         elif method == "deepcache":
@@ -153,7 +155,7 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
         else:
             raise ValueError(f"variant {spec!r}: unknown modifier {mod!r} (qonly, ds1, ds2, ds4, xattn, mlp; "
                              f"random also rowwise; sito also local, global, base, kept, merge, aX = noise_alpha "
-                             f"X, simX = sim_beta X, and the ablation's rbase, rprune, wstand, cfgnoise, "
+                             f"X, simX = sim_beta X, and the ablation's rbase, rprune, wstand, xin, cfgnoise, "
                              f"cfgplan, cfgkey, cfgfixed, cfgrow, bN)")
     return v
 
@@ -161,7 +163,7 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
 # SiTo's parts switched one at a time (benchmarks/ablation.py; benchmark-only, not node options)
 ABLATION_MODIFIERS = {"rbase": {"base": "random"}, "rprune": {"prune": "random"}, "wstand": {"stand": "window"},
                       "cfgnoise": {"cfg": "noise"}, "cfgplan": {"cfg": "plan"}, "cfgkey": {"cfg": "key"},
-                      "cfgfixed": {"cfg": "fixed"}, "cfgrow": {"cfg": "row"}}
+                      "cfgfixed": {"cfg": "fixed"}, "cfgrow": {"cfg": "row"}, "xin": {"space": "input"}}
 
 
 def install_planner(model, label: str, ratio: float, max_downsample: str, make_planner, seed: int,

@@ -147,6 +147,46 @@ def test_bench_smoke_mmdit_tiny(tmp_path):
     assert "LazyCache - skipped" in (lazy["pack_summary"] or "")
 
 
+# --family wan / qwen: the Wan-2.1-1.3B- and Qwen-Image-shaped DiTs (issue 15)
+# (family, bench args, latent, image tokens, text tokens, the family the CAT run summary names)
+DIT_SMOKE = {
+    "wan": (("--frames", "5", "--size", "64"), [1, 16, 2, 8, 8], 2 * 4 * 4, 512, "wan"),
+    "qwen": (("--size", "128"), [1, 16, 1, 16, 16], 8 * 8, 64, "qwen_image"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DIT_SMOKE))
+def test_bench_smoke_video_dits_tiny(tmp_path, family):
+    """Tiny Wan (2 latent frames) and Qwen-Image through bench.py, 10 steps: the latent and token grid
+    of the family, CAT pruning two steps (fewer FLOPs per pruned call, a changed latent), and on Wan
+    core EasyCache allowed (its forward runs the DIFFUSION_MODEL wrappers) next to LazyCache."""
+    extra, latent, image_tokens, text_tokens, summary_family = DIT_SMOKE[family]
+    variants = "unpatched,cat@0.3,lazycache@0.2" + (",easycache@0.2" if family == "wan" else "")
+    out = tmp_path / f"{family}.json"
+    cmd = [sys.executable, str(BENCH), "--family", family, "--tiny", "--dit-depth", "1", *extra, "--steps",
+           str(MMDIT_STEPS), "--variants", variants, "--out", str(out), "--markdown"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"bench.py failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
+    report = json.loads(out.read_text())
+    m = report["model"]
+    assert m["arch"] == summary_family and m["blocks"] == 1 and m["hidden_size"] == 256
+    assert report["config"]["latent"] == latent and m["latent"] == latent
+    assert (m["image_tokens"], m["text_tokens"]) == (image_tokens, text_tokens)
+    assert "-shaped DiT" in proc.stdout and "| cat@0.3 |" in proc.stdout
+
+    rows = {r["variant"]: r for r in report["results"]}
+    assert list(rows) == variants.split(",")
+    un, cat = rows["unpatched"], rows["cat@0.3"]
+    assert report["unpatched_rerun"]["rel_error"] == 0.0
+    assert un["unet_calls"] == cat["unet_calls"] == MMDIT_STEPS
+    assert f"2 pruned / 8 full of 10 steps on {summary_family}" in (cat["pack_summary"] or ""), cat["pack_summary"]
+    assert cat["flops_per_pruned_call"] < un["flops_per_model_call"]
+    assert 0.0 < cat["rel_error"] < 1.0 and cat["finite"]
+    for spec in variants.split(",")[2:]:  # the core caches: a skipped step runs no model call
+        r = rows[spec]
+        assert r["unet_calls"] == MMDIT_STEPS - r["options"]["skipped_steps"], r
+
+
 def test_bench_cat_modifiers(tmp_path):
     """CAT's variant modifiers reach the node: wN sets the warm-up (so the full/pruned step split),
     residual the SD3 shortcut without the K/V cache (its pruned call attends only to the selected

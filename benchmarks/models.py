@@ -175,6 +175,22 @@ def _random_unet(config_class, cfg: dict, seed: int, family: str, dtype: str):
     return patcher, info
 
 
+def _random_dit(config_class, cfg: dict, seed: int, dtype: str):
+    """A ModelPatcher of ``config_class(cfg)``'s model in ``dtype``, weights by ``make_checkpoint.seeded_fill_``."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    from make_checkpoint import seeded_fill_  # scripts/ is on sys.path after bootstrap()
+
+    mc = config_class(cfg)
+    mc.set_inference_dtype(torch_dtype(dtype), None)
+    model = mc.get_model({})
+    seeded_fill_(model.diffusion_model, seed)
+    model.eval()
+    dev = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
+
+
 def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False, dtype: str = "fp32"):
     """An SD3-medium-shaped MMDiT from ComfyUI's own classes, fp32, seeded random weights.
 
@@ -191,25 +207,15 @@ def build_random_mmdit(seed: int, blocks: int = 2, tiny: bool = False, dtype: st
     """
     import copy
 
-    import torch
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
-    from make_checkpoint import seeded_fill_  # scripts/ is on sys.path after bootstrap()
 
     cfg = copy.deepcopy(SD3_MEDIUM_CONFIG)
     if tiny:
         cfg["depth"] = TINY_MMDIT_WIDTH_UNITS
         cfg["context_embedder_config"]["params"]["out_features"] = 64 * TINY_MMDIT_WIDTH_UNITS
     cfg["num_blocks"] = blocks
-    mc = comfy.supported_models.SD3(cfg)
-    mc.set_inference_dtype(torch_dtype(dtype), None)
-    model = mc.get_model({})
-    seeded_fill_(model.diffusion_model, seed)
-    model.eval()
-    dev = comfy.model_management.get_torch_device()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
-    dm = model.diffusion_model
+    patcher = _random_dit(comfy.supported_models.SD3, cfg, seed, dtype)
+    dm = patcher.model.diffusion_model
     info = {
         "source": "random", "family": "SD3-MMDiT" + ("-tiny" if tiny else ""), "seed": seed, "arch": "mmdit",
         "shape": "tiny (hidden 256)" if tiny else "SD3 medium per-block shape",
@@ -232,11 +238,7 @@ def build_random_dit(family: str, seed: int, blocks: int = 1, tiny: bool = False
     """
     import copy
 
-    import torch
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
-    from make_checkpoint import seeded_fill_
 
     class_name, config, depth_key, real_depth = DIT_FAMILIES[family]
     cfg = copy.deepcopy(config)
@@ -245,14 +247,8 @@ def build_random_dit(family: str, seed: int, blocks: int = 1, tiny: bool = False
         cfg.update(dim=256, ffn_dim=512, num_heads=2)
     elif tiny:
         cfg.update(num_attention_heads=2)
-    mc = getattr(comfy.supported_models, class_name)(cfg)
-    mc.set_inference_dtype(torch_dtype(dtype), None)
-    model = mc.get_model({})
-    seeded_fill_(model.diffusion_model, seed)
-    model.eval()
-    dev = comfy.model_management.get_torch_device()
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=dev, offload_device=torch.device("cpu"))
-    params = sum(p.numel() for p in model.diffusion_model.parameters())
+    patcher = _random_dit(getattr(comfy.supported_models, class_name), cfg, seed, dtype)
+    params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     tag = "TINY " if tiny else ""
     if family == "wan":
         width, heads, patch = cfg["dim"], cfg["num_heads"], tuple(cfg["patch_size"])

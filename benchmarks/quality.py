@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="attention kernel when this script starts ComfyUI: PyTorch's SDPA (what the model was "
                          "trained with; faster on this CPU) or ComfyUI's default CPU kernel (sub-quadratic)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the pack's own generators")
+    ap.add_argument("--pairs", default="", metavar="A:B,...",
+                    help="variant pairs compared sample by sample in the table's notes: the mean error "
+                         "difference B - A, its 95%% interval and a Wilcoxon signed-rank p-value")
     ap.add_argument("--report-from", type=Path, default=None, metavar="JSON",
                     help="write the table, plot and grid from the rows of an earlier run (e.g. the .partial.json "
                          "of a run cut short); the grid's samples are drawn again, the rows are not re-measured")
@@ -186,6 +189,7 @@ def metrics(out, ref_out, labels, ref: Reference) -> dict:
     # PSNR is infinite for an identical sample; report the mean over finite ones (and say so).
     finite = psnr[torch.isfinite(psnr)]
     return {"rel_error": float(d.mean()), "rel_error_max": float(d.max()),
+            "rel_errors": [round(float(e), 6) for e in d],  # per sample, for paired comparisons
             "psnr": float(finite.mean()) if finite.numel() else math.inf,
             "ssim": float(ssim), "fid": float(fid.compute()), "accuracy": float(acc)}
 
@@ -280,7 +284,7 @@ def report_from(args: argparse.Namespace) -> dict:
             r["ref_time_speedup"] = unp["ref_seconds"] / r["ref_seconds"] if r["ref_seconds"] else None
     report = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg,
               "samples": ref.num_labels * args.seeds, "labels": ref.config["labels"], "weights": ref.weights,
-              "model_training": ref.config.get("training"), "rows": rows,
+              "model_training": ref.config.get("training"), "rows": rows, "pairs": args.pairs,
               "command": "benchmarks/quality.py " + " ".join(sys.argv[1:])}
     write_outputs(report, outputs, args)
     return report
@@ -370,7 +374,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {"steps": args.steps, "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg,
               "samples": len(labels), "labels": ref.config["labels"], "weights": ref.weights,
               "model_training": ref.config.get("training"), "rows": rows,
-              "unpatched_time_from_cache": unpatched["cached"],
+              "unpatched_time_from_cache": unpatched["cached"], "pairs": args.pairs,
               "command": "benchmarks/quality.py " + " ".join(sys.argv[1:])}
     write_outputs(report, outputs, args)
     return report
@@ -390,7 +394,29 @@ def markdown(report: dict) -> str:
                      f"| {f(r['fid'], '.2f')} | {f(r['accuracy'], '.3f')} | {r['model_calls']} / {r['block_calls'] or 'n/c'} "
                      f"| {f(r['flops_ideal'], '.2f')} | {f(r.get('ref_time_speedup'), '.2f')} "
                      f"| {f(r['sd15_speedup'], '.2f')} |")
+    by_name = {r["variant"]: r for r in report["rows"]}
+    pairs = [p.split(":") for p in report.get("pairs", "").split(",") if p]
+    if pairs:
+        lines += ["", "| paired: B against A | mean error B − A | 95 % interval | Wilcoxon p |", "|---|---:|---:|---:|"]
+    for a, b in pairs:
+        if "rel_errors" not in by_name.get(a, {}) or "rel_errors" not in by_name.get(b, {}):
+            lines.append(f"| {b} against {a} | – (per-sample errors not recorded) | | |")
+            continue
+        d = paired_difference(by_name[a]["rel_errors"], by_name[b]["rel_errors"])
+        lines.append(f"| {b} against {a} | {d['mean']:+.4f} | {d['low']:+.4f} … {d['high']:+.4f} | {d['p']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """Sample-by-sample comparison of two variants' errors on the same seeds: the mean of
+    ``b - a``, its 95 % t-interval, and the two-sided Wilcoxon signed-rank p-value."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else math.nan
+    p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return {"mean": float(d.mean()), "low": float(d.mean() - half), "high": float(d.mean() + half), "p": p}
 
 
 def image_grid(outputs: dict, per_row: int, path: Path) -> None:

@@ -73,7 +73,8 @@ CACHE_METHODS = {
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
             "levels), wN = warmup_steps N, residual = SD3 blocks without the K/V cache (dit_kv_cache off), merged = "
-            "next selection from the merged prediction (signal_before_merge off)"),
+            "next selection from the merged prediction (signal_before_merge off), eps = selection signal and reuse in "
+            "the model's noise output (prediction_space noise, as the official code)"),
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
     "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
 }
@@ -117,9 +118,11 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                     v.node_options["dit_kv_cache"] = False
                 elif mod == "merged":
                     v.node_options["signal_before_merge"] = False
+                elif mod == "eps":
+                    v.node_options["prediction_space"] = "noise"
                 else:
                     raise ValueError(f"variant {spec!r}: unknown cat modifier {mod!r} (ds1/ds2/ds4/ds8, wN, "
-                                     f"residual, merged)")
+                                     f"residual, merged, eps)")
         return v
     if method not in ("tome", "sito", "random"):
         raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "

@@ -40,6 +40,9 @@ PARAMS = Params(
           "the others' residual update.", widget=False),
     Param("signal_before_merge", "boolean", True, "The next selection is made from the raw prediction; False: "
           "from the prediction after unselected tokens were given their previous value.", widget=False),
+    Param("prediction_space", "combo", "denoised", "Where the selection signal is measured and unselected tokens "
+          "keep their previous value: the denoised estimate (the pack's) or the model's own noise/velocity output "
+          "(the official code's).", options=hooks.CAT_PREDICTION_SPACES, widget=False),
 )
 
 
@@ -55,6 +58,8 @@ def cat_problem(o: dict) -> str | None:
         return problem
     if o["warmup_steps"] < 0:
         return f"warmup_steps {o['warmup_steps']} must be >= 0"
+    if o["prediction_space"] not in hooks.CAT_PREDICTION_SPACES:
+        return f"prediction_space {o['prediction_space']!r} must be one of {', '.join(hooks.CAT_PREDICTION_SPACES)}"
     return percent_problem(o["start_percent"], o["end_percent"])
 
 
@@ -89,7 +94,7 @@ def apply_cat(model, **options):
 
     hooks.install_cat(m, uid, lambda grid: CATState(grid, cfg), o["warmup_steps"], family,
                       factor=levels[0] if levels else 1, max_downsample=coarsest, dit_kv_cache=o["dit_kv_cache"],
-                      signal_before_merge=o["signal_before_merge"])
+                      signal_before_merge=o["signal_before_merge"], prediction_space=o["prediction_space"])
     hooks.install_run_lifecycle(m, uid, "cat", o["start_percent"], o["end_percent"], o["seed"], summary,
                                 new_data=lambda state: hooks.CATRun())
     return m

@@ -130,8 +130,13 @@ def test_quality_benchmark_smoke(tmp_path):
     import quality
 
     report = quality.main(["--tiny", "--variants", "unpatched,sito@0.5,cat-w0@0.3,deepcache-5@0", "--out",
-                           str(tmp_path)])
+                           str(tmp_path), "--pairs", "unpatched:sito@0.5"])
     rows = {r["variant"]: r for r in report["rows"]}
+    # per-sample errors (for paired comparisons) average to the row's error
+    for r in rows.values():
+        assert len(r["rel_errors"]) == report["samples"] == 9
+        assert sum(r["rel_errors"]) / 9 == pytest.approx(r["rel_error"], abs=1e-5)
+    assert "| sito@0.5 against unpatched | +" in (tmp_path / "quality-3-euler.md").read_text()
     assert rows["unpatched"]["rel_error"] == 0.0 and math.isinf(rows["unpatched"]["psnr"])
     assert rows["unpatched"]["ssim"] == pytest.approx(1.0)
     for name in ("sito@0.5", "cat-w0@0.3"):

@@ -16,13 +16,13 @@ Imports of ``comfy`` happen inside functions: importing the pack must stay cheap
 break ComfyUI start-up.
 """
 from .block_pruning import BlockCall, BlockPruning, install_block_pruning
-from .cat_step import CATRun, cat_role, full_step_count, install_cat
+from .cat_step import PREDICTION_SPACES as CAT_PREDICTION_SPACES, CATRun, cat_role, full_step_count, install_cat
 from .dato_cache import DaToRun, current_dynamics, install_step_cache
 from .model_info import (attention_levels, dit_family, max_cache_depth, model_class_name,
                          resolve_max_downsample)
 from .run import RunState, install_run_lifecycle, last_records, new_uid
 
-__all__ = ["BlockCall", "BlockPruning", "install_block_pruning", "CATRun", "cat_role", "full_step_count", "install_cat",
+__all__ = ["BlockCall", "BlockPruning", "install_block_pruning", "CAT_PREDICTION_SPACES", "CATRun", "cat_role", "full_step_count", "install_cat",
            "DaToRun", "current_dynamics", "install_step_cache", "attention_levels", "dit_family",
            "max_cache_depth", "model_class_name", "resolve_max_downsample", "RunState",
            "install_run_lifecycle", "last_records", "new_uid"]

@@ -30,6 +30,7 @@ from .patching import add_wrapper, wrapper_kinds
 from .run import RunState, run_state
 
 CAT_FULL, CAT_REFERENCE, CAT_CLUSTER, CAT_PRUNED = "full", "reference", "cluster", "pruned"
+PREDICTION_SPACES = ("denoised", "noise")
 
 
 def cat_role(step: int, warmup_steps: int) -> str:
@@ -216,7 +217,7 @@ def _grid_run(run: CATRun, grid: TokenGrid, fixed: tuple[int, ...], device,
 
 def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
                      token_factor: int, halvings: int, signal_before_merge: bool = True,
-                     layout: StepLayout | None = None) -> None:
+                     layout: StepLayout | None = None, prediction_space: str = "denoised") -> None:
     """The APPLY_MODEL wrapper of CAT patch ``uid`` (``state.data``: a :class:`CATRun`).
 
     ``token_factor``: latent pixels per token side on the selection's grid; ``halvings``: how many
@@ -225,7 +226,12 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
     still shows where the model moved it (UNet conv blocks run every token); False makes it from
     the merged prediction, in which unselected tokens hold their previous value. ``layout``:
     how a video family's latent becomes tokens (None: 4-D latents only, ``token_factor``).
+    ``prediction_space``: where the selection signal is measured and unselected tokens keep
+    their previous value: "denoised" (APPLY_MODEL's estimate x̂₀) or "noise" (the model's own
+    output, ε or velocity, recovered as ``(x − x̂₀) / σ``, as the official code works).
     """
+    if prediction_space not in PREDICTION_SPACES:
+        raise ValueError(f"prediction_space {prediction_space!r}: one of {', '.join(PREDICTION_SPACES)}")
     W = wrapper_kinds()
     layout = layout or StepLayout(token_factor=token_factor)
 
@@ -262,15 +268,28 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
                 state.skip(why)
             selection = None  # the blocks did not prune this call: keep its raw prediction
         _record(state, grid, selection)
-        raw, prev_out = out, g.previous.get(chunk)
-        if selection is not None and prev_out is not None and prev_out.shape == out.shape:
-            out = cat_core.merge_prediction(out, prev_out, selection, grid)
+        sigma = _row_sigmas(args, kwargs, x) if prediction_space == "noise" else None
+        raw = out if sigma is None else (x - out) / sigma  # noise: the model's own output
+        pred, prev = raw, g.previous.get(chunk)
+        if selection is not None and prev is not None and prev.shape == raw.shape:
+            pred = cat_core.merge_prediction(raw, prev, selection, grid)
+            # noise space: the selected tokens keep APPLY_MODEL's own values (no round trip)
+            out = pred if sigma is None else cat_core.merge_prediction(out, (x - prev * sigma).to(out.dtype),
+                                                                       selection, grid)
             state.count(grid, grid.n - selection.numel())
-        g.previous[chunk] = out
-        _select_next(state, g, role, raw if signal_before_merge else out, to.get("cond_or_uncond"), grid, halvings)
+        g.previous[chunk] = pred
+        _select_next(state, g, role, raw if signal_before_merge else pred, to.get("cond_or_uncond"), grid, halvings)
         return out
 
     add_wrapper(model, W.APPLY_MODEL, uid, apply_model_wrapper)
+
+
+def _row_sigmas(args, kwargs, x: torch.Tensor) -> torch.Tensor | None:
+    """The call's sigma per batch row, shaped to broadcast over ``x`` (APPLY_MODEL's ``t``)."""
+    t = args[1] if len(args) > 1 else kwargs.get("t")
+    if not isinstance(t, torch.Tensor) or t.numel() not in (1, x.shape[0]):
+        return None
+    return t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _record(state: RunState, grid: TokenGrid, selection: torch.Tensor | None) -> None:
@@ -313,13 +332,13 @@ def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond
 
 def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
                 family: str, factor: int = 1, max_downsample: int | None = None, *, dit_kv_cache: bool = True,
-                signal_before_merge: bool = True) -> None:
+                signal_before_merge: bool = True, prediction_space: str = "denoised") -> None:
     """Install CAT for ``uid``: the step wrapper plus the block patches of ``family`` ("unet",
     or a :func:`.model_info.dit_family` name). ``factor``: the UNet level the selection is made on (its
     highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with
     it (default: that level only). ``policy_factory(grid)`` makes a fresh per-run selection
-    policy per token grid. ``dit_kv_cache``, ``signal_before_merge``: the official behaviour;
-    False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`);
+    policy per token grid. ``prediction_space``: see :func:`install_cat_step`.
+    ``dit_kv_cache``, ``signal_before_merge``: the official behaviour; False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`);
     ``dit_kv_cache`` only chooses on SD3 (Wan, Qwen-Image and LTX-Video always use the K/V
     cache, Flux, Chroma and HunyuanVideo the residual update)."""
     from .cat_dit import install_cat_dit
@@ -337,7 +356,7 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState]
     max_downsample = max(max_downsample or factor, factor) if family == "unet" else factor
     install_cat_step(model, uid, policy_factory, warmup_steps, layout.token_factor,
                      halvings=max_downsample.bit_length() - factor.bit_length(),
-                     signal_before_merge=signal_before_merge, layout=layout)
+                     signal_before_merge=signal_before_merge, layout=layout, prediction_space=prediction_space)
     if family == "unet":
         install_cat_unet(model, uid, max_downsample)
     elif family in LAYOUTS:

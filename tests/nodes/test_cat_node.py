@@ -438,6 +438,33 @@ def test_the_change_signal_of_unrecomputed_tokens_follows_the_raw_output(models,
         assert torch.equal(pred[:, rest], given[:, rest]) != before_merge
 
 
+@pytest.mark.parametrize("space", ["denoised", "noise"])
+def test_unselected_tokens_keep_their_previous_prediction_in_the_chosen_space(models, space):
+    """``prediction_space`` "denoised": an unselected token's output is its previous denoised
+    estimate; "noise" (official): its previous noise prediction, so its output is
+    ``x_t − σ_t·ε_{t−1}`` with ``ε_{t−1} = (x_{t−1} − x̂₀,t−1) / σ_{t−1}`` from the model's own calls.
+    (With euler the two are the same value: an euler step keeps ``x − σ·ε`` fixed, so this runs
+    euler_ancestral, whose added noise moves it.)"""
+    base = models("sd15")
+    calls = []
+    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, prediction_space=space).clone()
+
+    def wrapper(apply_model, args):
+        out = apply_model(args["input"], args["timestep"], **args["c"])
+        calls.append((args["input"].clone(), args["timestep"].reshape(-1, 1, 1, 1).clone(), out.detach().clone()))
+        return out
+    m.set_model_unet_function_wrapper(wrapper)
+    run_sampler(m, latent_hw=UNET_HW, batch=1, steps=5, cfg=1.0, sampler="euler_ancestral")
+    n = UNET_HW[0] * UNET_HW[1]
+    for step in (2, 3, 4):  # the pruned steps (reference step 0, clustering step 1)
+        (xp, sp, outp), (x, s, out) = calls[step - 1], calls[step]
+        as_denoised, as_noise = outp, x - (xp - outp) / sp * s
+        same = {name: torch.isclose(out, held, rtol=1e-5, atol=1e-6).all(dim=1).sum().item()
+                for name, held in (("denoised", as_denoised), ("noise", as_noise))}
+        assert same[space] == n - floor_keep(0.3, n), f"step {step}: {same}"
+        assert same["noise" if space == "denoised" else "denoised"] < n // 10, f"step {step}: {same}"
+
+
 # --------------------------------------------------------------------------------------
 # Warm-up, summary, validation, unsupported models
 # --------------------------------------------------------------------------------------
@@ -479,6 +506,8 @@ def test_validation_messages():
         assert isinstance(CATPruneCache.validate_inputs(**bad), str), bad
     with pytest.raises(ValueError, match="keep_ratio"):
         apply_cat(None, keep_ratio=0.0)
+    with pytest.raises(ValueError, match="prediction_space"):
+        apply_cat(None, prediction_space="velocity")
 
 
 def _conv_only_unet():

@@ -36,6 +36,8 @@ PRESETS = {
 SEARCHED = {
     "searched_20_balanced": "F Rx3 F Rx2 F Rx2 S1 Rx3 S2 Rx3 S2 S1",
     "searched_20_fast": "F Rx3 S1 Rx2 F Rx2 S1 Rx3 S1 Rx2 S3 Rx2",
+    "searched_20_dpmpp_2m_balanced": "F S1 F R S1 Rx2 F Rx2 S1 Rx3 S2 Rx4 S1",
+    "searched_20_dpmpp_2m_fast": "F S1 Rx2 S1 Rx2 F Rx2 S1 Rx7 F S1",
 }
 PRESETS.update({name: (lambda n, d, text=text: sched.Schedule.parse(text).resample(n)) for name, text in SEARCHED.items()})
 DEFAULT_PRESET = "dato_official"
@@ -44,8 +46,9 @@ PRESET_HELP = ("dato_official: the schedule of the paper's final runs (5 full / 
                "dato_official_dense: the same list keeping all 5 full steps at any step count (slower below 50 "
                "steps, closer to the unpatched image); dato_aggressive: ours, ~9x at 50 steps; deepcache_5/10: a "
                "full step every 5/10 steps, shallow in between; pruning_only: every step full, token pruning only; "
-               "searched_20_balanced / searched_20_fast: found by the pack's schedule search for 20 steps (use "
-               "prune_ratio 0 / 0.1): more faithful than dato_official at its speed / faster at better fidelity.")
+               "searched_20_balanced / searched_20_fast: found by the pack's schedule search for 20 euler steps (use "
+               "prune_ratio 0 / 0.1): more faithful than dato_official at its speed / faster at better fidelity; "
+               "searched_20_dpmpp_2m_balanced / _fast: the same for 20 dpmpp_2m steps (prune_ratio 0).")
 SYNTAX_HELP = ("Steps separated by spaces: F = full, S2 = shallow with 2 outer block pairs, R = reuse the previous "
                "prediction, S1x3 = three S1 steps. E.g. 'F S1x4 F R S1x3'. Resampled to the step count; step 0 is always full.")
 

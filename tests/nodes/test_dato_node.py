@@ -782,16 +782,19 @@ def test_align_cfg_holds_when_cond_and_uncond_run_apart(micro15, monkeypatch, al
     assert compared >= 4
 
 
-@pytest.mark.parametrize("preset, counts", [("searched_20_balanced", (3, 4, 13, 20)),
-                                            ("searched_20_fast", (2, 4, 14, 20))])
-def test_searched_presets_run_their_lists_at_20_steps(sd15, preset, counts, caplog):
+@pytest.mark.parametrize("preset, counts, sampler", [("searched_20_balanced", (3, 4, 13, 20), "euler"),
+                                                     ("searched_20_fast", (2, 4, 14, 20), "euler"),
+                                                     ("searched_20_dpmpp_2m_balanced", (3, 5, 12, 20), "dpmpp_2m"),
+                                                     ("searched_20_dpmpp_2m_fast", (3, 4, 13, 20), "dpmpp_2m")])
+def test_searched_presets_run_their_lists_at_20_steps(sd15, preset, counts, sampler, caplog):
     """The schedule search's presets: at 20 steps exactly the searched list (fixed counts of
-    full / shallow / reused steps), followed call by call through the real sampler."""
+    full / shallow / reused steps), followed call by call through the real sampler they were
+    searched for."""
     from token_pruning_cache.nodes.dato_node import SEARCHED
     m = apply_dato(sd15, prune_ratio=0.0, schedule=preset)
     sigmas = sample_sigmas(sd15, 20)
     with caplog.at_level(logging.INFO, logger="token_pruning_cache"), CallLog(sd15) as log:
-        out = run_sampler(m, latent_hw=HW, batch=1, steps=20, cfg=1.0)
+        out = run_sampler(m, latent_hw=HW, batch=1, steps=20, cfg=1.0, sampler=sampler)
     assert torch.isfinite(out).all()
     schedule = Schedule.parse(SEARCHED[preset])
     assert expected_counts(schedule) == counts

@@ -42,7 +42,8 @@ PARAMS = Params(
           "from the prediction after unselected tokens were given their previous value.", widget=False),
     Param("prediction_space", "combo", "denoised", "Where the selection signal is measured and unselected tokens "
           "keep their previous value: the denoised estimate (the pack's) or the model's own noise/velocity output "
-          "(the official code's; more faithful on the reference model, docs/benchmarks.md).", options=hooks.CAT_PREDICTION_SPACES, widget=False),
+          "(the official code's; more faithful on the reference model, docs/benchmarks.md).",
+          options=hooks.CAT_PREDICTION_SPACES, widget=False),
 )
 
 

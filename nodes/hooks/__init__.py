@@ -22,7 +22,7 @@ from .model_info import (attention_levels, dit_family, max_cache_depth, model_cl
                          resolve_max_downsample)
 from .run import RunState, install_run_lifecycle, last_records, new_uid
 
-__all__ = ["BlockCall", "BlockPruning", "install_block_pruning", "CAT_PREDICTION_SPACES", "CATRun", "cat_role", "full_step_count", "install_cat",
-           "DaToRun", "current_dynamics", "install_step_cache", "attention_levels", "dit_family",
+__all__ = ["BlockCall", "BlockPruning", "install_block_pruning", "CAT_PREDICTION_SPACES", "CATRun", "cat_role",
+           "full_step_count", "install_cat", "DaToRun", "current_dynamics", "install_step_cache", "attention_levels", "dit_family",
            "max_cache_depth", "model_class_name", "resolve_max_downsample", "RunState",
            "install_run_lifecycle", "last_records", "new_uid"]

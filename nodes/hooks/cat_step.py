@@ -228,10 +228,9 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
     how a video family's latent becomes tokens (None: 4-D latents only, ``token_factor``).
     ``prediction_space``: where the selection signal is measured and unselected tokens keep
     their previous value: "denoised" (APPLY_MODEL's estimate x̂₀) or "noise" (the model's own
-    output, ε or velocity, recovered as ``(x − x̂₀) / σ``, as the official code works).
+    output, ε or velocity, recovered as ``(x − x̂₀) / σ``, as the official code works); the node
+    validates it (``cat_node.cat_problem``).
     """
-    if prediction_space not in PREDICTION_SPACES:
-        raise ValueError(f"prediction_space {prediction_space!r}: one of {', '.join(PREDICTION_SPACES)}")
     W = wrapper_kinds()
     layout = layout or StepLayout(token_factor=token_factor)
 
@@ -284,11 +283,9 @@ def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATS
     add_wrapper(model, W.APPLY_MODEL, uid, apply_model_wrapper)
 
 
-def _row_sigmas(args, kwargs, x: torch.Tensor) -> torch.Tensor | None:
+def _row_sigmas(args, kwargs, x: torch.Tensor) -> torch.Tensor:
     """The call's sigma per batch row, shaped to broadcast over ``x`` (APPLY_MODEL's ``t``)."""
-    t = args[1] if len(args) > 1 else kwargs.get("t")
-    if not isinstance(t, torch.Tensor) or t.numel() not in (1, x.shape[0]):
-        return None
+    t = args[1] if len(args) > 1 else kwargs["t"]
     return t.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
@@ -338,8 +335,8 @@ def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState]
     highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with
     it (default: that level only). ``policy_factory(grid)`` makes a fresh per-run selection
     policy per token grid. ``prediction_space``: see :func:`install_cat_step`.
-    ``dit_kv_cache``, ``signal_before_merge``: the official behaviour; False gives the pack's earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`);
-    ``dit_kv_cache`` only chooses on SD3 (Wan, Qwen-Image and LTX-Video always use the K/V
+    ``dit_kv_cache``, ``signal_before_merge``: the official behaviour; False gives the pack's
+    earlier shortcuts (see :mod:`.cat_dit`, :func:`install_cat_step`); ``dit_kv_cache`` only chooses on SD3 (Wan, Qwen-Image and LTX-Video always use the K/V
     cache, Flux, Chroma and HunyuanVideo the residual update)."""
     from .cat_dit import install_cat_dit
     from .cat_dit_kv import LAYOUTS, install_cat_dit_kv

@@ -11,16 +11,22 @@ both minimised:
          unpatched samples of the same labels and seeds (the calibration set), sampled through
          ComfyUI's real sampler (``benchmarks/quality.py``'s sampling and metrics)
   cost   the schedule's ideal cost, relative to the unpatched run: the sum over its steps of
-         what each kind of step costs at that prune ratio, from FLOPs measured on the model
-         (torch's FlopCounterMode over one-sample runs of ``F`` and ``F S<d>``; a reuse step
-         costs nothing); its inverse is the FLOPs-ideal speedup
+         what each kind of step costs at that prune ratio; its inverse is the ideal speedup.
+         By default the step costs are FLOPs measured on the searched model (torch's
+         FlopCounterMode over one-sample runs of ``F`` and ``F S<d>``; a reuse step costs
+         nothing). With ``--step-costs FILE`` they are the clock times that
+         ``benchmarks/step_costs.py`` measured on the model users run (the SD1.5-size UNet):
+         on the 32x32 reference model pruning hardly changes a step's FLOPs, on the 64x64
+         level of SD1.5 it makes a full step far cheaper, and a search priced by the small
+         model's FLOPs undervalues pruning. Errors do not depend on the cost model, so one
+         run's evaluations serve a search under another cost model (``--resume``).
 
 The unpatched samples are cached (keyed by the weights' hash and the setting), every
 evaluation is written to ``--out``/evaluations.json as it is made, and ``--resume`` starts from
 them (their best points seed the first population), so a run cut short loses nothing. The run
 is bounded by ``--generations`` and ``--budget-minutes``; each generation prints one line.
 
-Output (``--out``): ``front-<steps>-<sampler>.{json,md}``, the Pareto front as a table with each
+Output (``--out``): ``front-<steps>-<sampler>[-clock].{json,md}`` (``-clock`` with ``--step-costs``), the Pareto front as a table with each
 point's ``custom_schedule`` string, its error on the calibration set and on a **held-out** set
 (other seeds; error, PSNR, SSIM, FID-analogue, judge accuracy), its FLOPs-ideal speedup and its
 measured time on the reference model; and ``front-<steps>-<sampler>.png``, every evaluated
@@ -28,6 +34,8 @@ candidate and the front, with the node's presets marked.
 
     nice .venv/bin/python benchmarks/schedule_search.py --steps 20 --sampler euler --budget-minutes 30
     nice .venv/bin/python benchmarks/schedule_search.py --steps 20 --sampler euler --resume --budget-minutes 30
+    nice .venv/bin/python benchmarks/schedule_search.py --steps 20 --sampler euler --budget-minutes 30 \
+        --step-costs benchmarks/results/sd15-step-costs.json      # priced by the SD1.5-size clock
     nice .venv/bin/python benchmarks/schedule_search.py --tiny     # smoke test: 3 steps, 1 generation
 
 The reference model (models/reference/, SD1.5 family) is the default model; ``--ref-dir``
@@ -77,12 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the search and of the pack's generators")
     ap.add_argument("--no-timing", action="store_true", help="skip the front's timing on the reference model")
     ap.add_argument("--presets", default=",".join(PRESETS), help="the node's presets to seed and compare with")
+    ap.add_argument("--step-costs", type=Path, default=None,
+                    help="price schedules with these measured step costs (benchmarks/step_costs.py's JSON) instead "
+                         "of the reference model's FLOPs")
     ap.add_argument("--tiny", action="store_true", help="smoke test: 3 steps, population 4, 1 generation")
     args = ap.parse_args(argv)
     if args.tiny:
         args.steps, args.pop, args.generations, args.holdout_seeds, args.max_depth = 3, 4, 1, 1, 2
         args.presets = "dato_official"
     args.presets = [p for p in args.presets.split(",") if p.strip()]
+    args.cost_model = "FLOPs on the searched model"  # run() names the --step-costs file instead
     if args.steps < 2:
         ap.error("--steps must be at least 2 (step 0 is always full)")
     return args
@@ -137,6 +149,19 @@ def step_costs(ref, args, max_depth: int) -> dict:
             row[f"S{d}"] = (two - full) / base
         costs[r] = row
     return costs
+
+
+def load_step_costs(path: Path, max_depth: int) -> dict:
+    """``benchmarks/step_costs.py``'s measured costs as ``{ratio: {"F": c, "S1": c, …, "R": c}}``;
+    refuses a file that lacks one of the searched ratios or step kinds."""
+    measured = {float(r): row for r, row in json.loads(Path(path).read_text())["costs"].items()}
+    kinds = ["F", "R"] + [f"S{d}" for d in range(1, max_depth + 1)]
+    for r in RATIOS:
+        missing = [k for k in kinds if k not in measured.get(r, {})]
+        if missing:
+            raise SystemExit(f"--step-costs {path}: no cost for {', '.join(missing)} at prune ratio {r:g} "
+                             f"(the search needs ratios {', '.join(f'{x:g}' for x in RATIOS)}, S1..S{max_depth})")
+    return {r: {k: measured[r][k] for k in kinds} for r in RATIOS}
 
 
 def schedule_cost(text: str, ratio: float, costs: dict) -> float:
@@ -243,16 +268,23 @@ def run(args: argparse.Namespace) -> dict:
         ref_out = quality.sample(ref.patcher, ref, labels, noise, args)
         torch.save(ref_out, cache)
     costs_path = args.out / f"step-costs-{tag}.json"
-    if costs_path.is_file():
+    if args.step_costs:
+        costs = load_step_costs(args.step_costs, max_depth)
+        args.cost_model = f"clock: {args.step_costs.name}"
+    elif costs_path.is_file():
         costs = {float(r): row for r, row in json.loads(costs_path.read_text()).items()}
     else:
         costs = step_costs(ref, args, max_depth)
         costs_path.write_text(json.dumps({str(r): row for r, row in costs.items()}, indent=1) + "\n")
-    print("[search] step costs (share of an unpatched step's FLOPs): "
+    print(f"[search] step costs ({args.cost_model}, share of an unpatched step): "
           + "; ".join(f"r={r:g}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()) for r, row in costs.items()),
           flush=True)
 
     evals = Evaluations(args.out / f"evaluations-{steps}-{args.sampler}.json", setting, args.resume)
+    for rec in evals.records.values():  # earlier runs may have priced them with another cost model
+        rec["cost"] = schedule_cost(rec["schedule"], rec["prune_ratio"], costs)
+    if evals.records:
+        evals.save()
 
     def evaluate_schedule(text: str, ratio: float) -> dict:
         key = Evaluations.key(text, ratio)
@@ -332,12 +364,12 @@ def final_report(args, ref, front: list[dict], presets: list[dict], setting: dic
         seconds = time.perf_counter() - t
         m = quality.metrics(out, h_ref, h_labels, ref)
         rows.append({**{k: rec[k] for k in ("schedule", "prune_ratio", "error", "cost")},
-                     "preset": rec.get("preset"), "flops_ideal": 1 / rec["cost"],
+                     "preset": rec.get("preset"), "ideal_speedup": 1 / rec["cost"],
                      "holdout": m, "ref_time_speedup": None if args.no_timing else unpatched_s / seconds})
     with torch.no_grad():
         unpatched_m = quality.metrics(h_ref, h_ref, h_labels, ref)
     return {"setting": setting, "holdout_samples": len(h_labels), "calibration_samples": ref.num_labels * args.seeds,
-            "evaluated": len(evals.records), "step_costs": {str(r): row for r, row in costs.items()},
+            "evaluated": len(evals.records), "cost_model": args.cost_model, "step_costs": {str(r): row for r, row in costs.items()},
             "unpatched_holdout": unpatched_m, "front": [r for r in rows if r["preset"] is None],
             "presets": [r for r in rows if r["preset"] is not None],
             "command": "benchmarks/schedule_search.py " + " ".join(sys.argv[1:])}
@@ -350,24 +382,25 @@ def markdown(report: dict) -> str:
              f"calibration samples, front and presets re-measured on {report['holdout_samples']} held-out samples "
              f"(other seeds). Unpatched held-out FID-analogue {report['unpatched_holdout']['fid']:.2f}, accuracy "
              f"{report['unpatched_holdout']['accuracy']:.3f}.", "",
-             "| custom_schedule | prune_ratio | FLOPs-ideal | error (calibration) | error (held-out) | PSNR | SSIM "
+             f"Ideal speedup = 1 / the schedule's cost under the cost model ({report['cost_model']}).", "",
+             "| custom_schedule | prune_ratio | ideal speedup | error (calibration) | error (held-out) | PSNR | SSIM "
              "| FID-analogue | accuracy | time vs unpatched (ref. model) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(r, name):
         h = r["holdout"]
         t = "–" if r["ref_time_speedup"] is None else f"{r['ref_time_speedup']:.2f}×"
-        return (f"| {name} | {r['prune_ratio']:g} | {r['flops_ideal']:.2f}× | {r['error']:.4f} | {h['rel_error']:.4f} "
+        return (f"| {name} | {r['prune_ratio']:g} | {r['ideal_speedup']:.2f}× | {r['error']:.4f} | {h['rel_error']:.4f} "
                 f"| {h['psnr']:.2f} | {h['ssim']:.3f} | {h['fid']:.2f} | {h['accuracy']:.3f} | {t} |")
 
     lines += [row(r, f"`{r['schedule']}`") for r in report["front"]]
-    lines += ["", "The node's presets on the same samples:", "", lines[2], lines[3]]
+    lines += ["", "The node's presets on the same samples:", "", lines[4], lines[5]]
     lines += [row(r, f"{r['preset']} (`{r['schedule']}`)") for r in report["presets"]]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(report: dict, args, records: list[dict]) -> None:
-    stem = args.out / f"front-{args.steps}-{args.sampler}"
+    stem = args.out / f"front-{args.steps}-{args.sampler}{'-clock' if args.step_costs else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     plot(report, records, stem.with_suffix(".png"))
@@ -384,15 +417,15 @@ def plot(report: dict, records: list[dict], path: Path) -> None:
     ax.scatter([1 / r["cost"] for r in records], [r["error"] for r in records], s=8, color="0.7",
                label="evaluated (calibration set)")
     f = report["front"]
-    ax.plot([r["flops_ideal"] for r in f], [r["error"] for r in f], "o-", color="tab:blue", label="front (calibration)")
-    ax.plot([r["flops_ideal"] for r in f], [r["holdout"]["rel_error"] for r in f], "s--", color="tab:green",
+    ax.plot([r["ideal_speedup"] for r in f], [r["error"] for r in f], "o-", color="tab:blue", label="front (calibration)")
+    ax.plot([r["ideal_speedup"] for r in f], [r["holdout"]["rel_error"] for r in f], "s--", color="tab:green",
             label="front (held-out)")
     for r in report["presets"]:
-        ax.plot([r["flops_ideal"]], [r["error"]], "x", color="tab:red")
-        ax.annotate(f"{r['preset']}@{r['prune_ratio']:g}", (r["flops_ideal"], r["error"]), fontsize=6,
+        ax.plot([r["ideal_speedup"]], [r["error"]], "x", color="tab:red")
+        ax.annotate(f"{r['preset']}@{r['prune_ratio']:g}", (r["ideal_speedup"], r["error"]), fontsize=6,
                     xytext=(3, 2), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("FLOPs-ideal speedup on the reference model")
+    ax.set_xlabel(f"ideal speedup ({report['cost_model']})")
     ax.set_ylabel("relative error vs unpatched sample (lower is better)")
     s = report["setting"]
     ax.set_title(f"DaTo schedule search: {s['steps']} steps {s['sampler']}, CFG {s['cfg']:g} (x: the node's presets)",

@@ -73,8 +73,9 @@ CACHE_METHODS = {
     "deepcache": "prune_ratio (0 = caching only); modifier = interval (5, 10): DaToPruneCache deepcache_N",
     "cat": ("keep_ratio of CATPruneCache (warmup 6); modifiers ds1/ds2/ds4/ds8 = max_downsample (default 8: all "
             "levels), wN = warmup_steps N, residual = SD3 blocks without the K/V cache (dit_kv_cache off), merged = "
-            "next selection from the merged prediction (signal_before_merge off), eps = selection signal and reuse in "
-            "the model's noise output (prediction_space noise, as the official code)"),
+            "next selection from the merged prediction (signal_before_merge off), x0 = selection signal and reuse in "
+            "the denoised estimate (prediction_space denoised, the pack's earlier default), eps = in the model's "
+            "noise output (prediction_space noise, the default, as the official code)"),
     "easycache": "reuse_threshold of ComfyUI's EasyCache node",
     "lazycache": "reuse_threshold of ComfyUI's LazyCache node (PREDICT_NOISE level: works on every model)",
 }
@@ -118,11 +119,11 @@ def parse_variant(spec: str, dato_schedule: str | None = None) -> Variant:
                     v.node_options["dit_kv_cache"] = False
                 elif mod == "merged":
                     v.node_options["signal_before_merge"] = False
-                elif mod == "eps":
-                    v.node_options["prediction_space"] = "noise"
+                elif mod in ("eps", "x0"):
+                    v.node_options["prediction_space"] = "noise" if mod == "eps" else "denoised"
                 else:
                     raise ValueError(f"variant {spec!r}: unknown cat modifier {mod!r} (ds1/ds2/ds4/ds8, wN, "
-                                     f"residual, merged, eps)")
+                                     f"residual, merged, eps, x0)")
         return v
     if method not in ("tome", "sito", "random"):
         raise ValueError(f"variant {spec!r}: unknown method {method!r} (unpatched, tome, sito, random, "

@@ -40,9 +40,9 @@ PARAMS = Params(
           "the others' residual update.", widget=False),
     Param("signal_before_merge", "boolean", True, "The next selection is made from the raw prediction; False: "
           "from the prediction after unselected tokens were given their previous value.", widget=False),
-    Param("prediction_space", "combo", "denoised", "Where the selection signal is measured and unselected tokens "
-          "keep their previous value: the denoised estimate (the pack's) or the model's own noise/velocity output "
-          "(the official code's; more faithful on the reference model, docs/benchmarks.md).",
+    Param("prediction_space", "combo", "noise", "Where the selection signal is measured and unselected tokens "
+          "keep their previous value: the model's own noise/velocity output (default, as the official code; more "
+          "faithful on the reference model, docs/benchmarks.md) or the denoised estimate (the pack's earlier choice).",
           options=hooks.CAT_PREDICTION_SPACES, widget=False),
 )
 

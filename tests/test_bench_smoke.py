@@ -190,8 +190,9 @@ def test_bench_smoke_video_dits_tiny(tmp_path, family):
 def test_bench_cat_modifiers(tmp_path):
     """CAT's variant modifiers reach the node: wN sets the warm-up (so the full/pruned step split),
     residual the SD3 shortcut without the K/V cache (its pruned call attends only to the selected
-    tokens: fewer FLOPs), merged the selection from the merged prediction (another image)."""
-    variants = "cat-w2@0.3,cat-w2-residual@0.3,cat-w2-merged@0.3"
+    tokens: fewer FLOPs), merged the selection from the merged prediction (another image), x0 the
+    denoised prediction space (another image), eps the noise space (the default: the same image)."""
+    variants = "cat-w2@0.3,cat-w2-residual@0.3,cat-w2-merged@0.3,cat-w2-x0@0.3,cat-w2-eps@0.3"
     proc = _run_mmdit(tmp_path, "unpatched," + variants)
     assert proc.returncode == 0, f"bench.py failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr[-4000:]}"
     rows = {r["variant"]: r for r in json.loads((tmp_path / "mmdit.json").read_text())["results"]}
@@ -199,10 +200,11 @@ def test_bench_cat_modifiers(tmp_path):
     for r in rows.values():
         assert r["options"]["full_steps"] == 4 and r["options"]["pruned_steps"] == MMDIT_STEPS - 4, r["options"]
         assert f"{MMDIT_STEPS - 4} pruned / 4 full" in (r["pack_summary"] or ""), r["pack_summary"]
-    kv, residual, merged = (rows[v] for v in variants.split(","))
+    kv, residual, merged, x0, eps = (rows[v] for v in variants.split(","))
     assert residual["flops_per_pruned_call"] < kv["flops_per_pruned_call"]
     assert kv["flops_per_pruned_call"] == merged["flops_per_pruned_call"]
-    assert len({kv["rel_error"], residual["rel_error"], merged["rel_error"]}) == 3
+    assert len({kv["rel_error"], residual["rel_error"], merged["rel_error"], x0["rel_error"]}) == 4
+    assert eps["rel_error"] == kv["rel_error"]
 
 
 def test_bench_mmdit_refuses_what_cannot_run(tmp_path):

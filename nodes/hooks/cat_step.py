@@ -217,7 +217,7 @@ def _grid_run(run: CATRun, grid: TokenGrid, fixed: tuple[int, ...], device,
 
 def install_cat_step(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
                      token_factor: int, halvings: int, signal_before_merge: bool = True,
-                     layout: StepLayout | None = None, prediction_space: str = "denoised") -> None:
+                     layout: StepLayout | None = None, prediction_space: str = "noise") -> None:
     """The APPLY_MODEL wrapper of CAT patch ``uid`` (``state.data``: a :class:`CATRun`).
 
     ``token_factor``: latent pixels per token side on the selection's grid; ``halvings``: how many
@@ -329,7 +329,7 @@ def _select_next(state: RunState, g: GridRun, role: str, out: torch.Tensor, cond
 
 def install_cat(model, uid: str, policy_factory: Callable[[TokenGrid], CATState], warmup_steps: int,
                 family: str, factor: int = 1, max_downsample: int | None = None, *, dit_kv_cache: bool = True,
-                signal_before_merge: bool = True, prediction_space: str = "denoised") -> None:
+                signal_before_merge: bool = True, prediction_space: str = "noise") -> None:
     """Install CAT for ``uid``: the step wrapper plus the block patches of ``family`` ("unet",
     or a :func:`.model_info.dit_family` name). ``factor``: the UNet level the selection is made on (its
     highest-resolution attention level); ``max_downsample``: the coarsest UNet level pruned with

@@ -94,7 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.pop, args.generations, args.holdout_seeds, args.max_depth = 3, 4, 1, 1, 2
         args.presets = "dato_official"
     args.presets = [p for p in args.presets.split(",") if p.strip()]
-    args.cost_model = "FLOPs on the searched model"  # run() names the --step-costs file instead
     if args.steps < 2:
         ap.error("--steps must be at least 2 (step 0 is always full)")
     return args
@@ -268,15 +267,15 @@ def run(args: argparse.Namespace) -> dict:
         ref_out = quality.sample(ref.patcher, ref, labels, noise, args)
         torch.save(ref_out, cache)
     costs_path = args.out / f"step-costs-{tag}.json"
+    cost_model = f"clock: {args.step_costs.name}" if args.step_costs else "FLOPs on the searched model"
     if args.step_costs:
         costs = load_step_costs(args.step_costs, max_depth)
-        args.cost_model = f"clock: {args.step_costs.name}"
     elif costs_path.is_file():
         costs = {float(r): row for r, row in json.loads(costs_path.read_text()).items()}
     else:
         costs = step_costs(ref, args, max_depth)
         costs_path.write_text(json.dumps({str(r): row for r, row in costs.items()}, indent=1) + "\n")
-    print(f"[search] step costs ({args.cost_model}, share of an unpatched step): "
+    print(f"[search] step costs ({cost_model}, share of an unpatched step): "
           + "; ".join(f"r={r:g}: " + " ".join(f"{k} {v:.3f}" for k, v in row.items()) for r, row in costs.items()),
           flush=True)
 
@@ -342,12 +341,13 @@ def run(args: argparse.Namespace) -> dict:
         text = str(make(name, "")[0](steps, 1).clamp_depth(max_depth))
         for r in (0.0, 0.4):
             presets.append({"preset": name, **evaluate_schedule(text, r)})
-    report = final_report(args, ref, front, presets, setting, costs, evals)
+    report = final_report(args, ref, front, presets, setting, costs, cost_model, evals)
     write_outputs(report, args, list(evals.records.values()))
     return report
 
 
-def final_report(args, ref, front: list[dict], presets: list[dict], setting: dict, costs: dict, evals) -> dict:
+def final_report(args, ref, front: list[dict], presets: list[dict], setting: dict, costs: dict, cost_model: str,
+                 evals) -> dict:
     """Held-out quality and measured time on the reference model of every front point and preset."""
     import torch
 
@@ -369,7 +369,7 @@ def final_report(args, ref, front: list[dict], presets: list[dict], setting: dic
     with torch.no_grad():
         unpatched_m = quality.metrics(h_ref, h_ref, h_labels, ref)
     return {"setting": setting, "holdout_samples": len(h_labels), "calibration_samples": ref.num_labels * args.seeds,
-            "evaluated": len(evals.records), "cost_model": args.cost_model, "step_costs": {str(r): row for r, row in costs.items()},
+            "evaluated": len(evals.records), "cost_model": cost_model, "step_costs": {str(r): row for r, row in costs.items()},
             "unpatched_holdout": unpatched_m, "front": [r for r in rows if r["preset"] is None],
             "presets": [r for r in rows if r["preset"] is not None],
             "command": "benchmarks/schedule_search.py " + " ".join(sys.argv[1:])}

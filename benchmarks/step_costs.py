@@ -41,8 +41,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 import pack  # noqa: E402
 from pack import ROOT  # noqa: E402
-
-RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # the schedule search's prune ratios
+from schedule_search import RATIOS  # noqa: E402  (the prune ratios a searched schedule can take)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,7 +134,7 @@ def measure(args) -> dict:
     costs, raw = {}, {}
     for r in args.ratios:
         model = pack.apply_dato(base, prune_ratio=r, custom_schedule=text, seed=args.seed)
-        rounds = []
+        rounds, per_round = [], []
         for i in range(args.rounds):
             order = ("unpatched", "dato") if i % 2 == 0 else ("dato", "unpatched")
             times = {}
@@ -143,10 +142,9 @@ def measure(args) -> dict:
                 times[which] = (step_times(bed, base, args.unpatched_steps) if which == "unpatched"
                                 else step_times(bed, model, len(kinds)))
             rounds.append(times)
-            c = kind_costs(kinds, times["dato"], times["unpatched"])
-            print(f"[step-costs] r={r:g} round {i + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in c.items())
+            per_round.append(kind_costs(kinds, times["dato"], times["unpatched"]))
+            print(f"[step-costs] r={r:g} round {i + 1}: " + " ".join(f"{k} {v:.3f}" for k, v in per_round[-1].items())
                   + f"  (unpatched step {statistics.median(times['unpatched'][1:]):.2f} s)", flush=True)
-        per_round = [kind_costs(kinds, t["dato"], t["unpatched"]) for t in rounds]
         costs[f"{r:g}"] = {k: round(statistics.median(c[k] for c in per_round), 4) for k in per_round[0]}
         raw[f"{r:g}"] = rounds
     measured = list(costs)

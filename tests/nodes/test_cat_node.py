@@ -475,19 +475,13 @@ def test_unselected_tokens_keep_their_previous_prediction_in_the_chosen_space(mo
     (With euler the two are the same value: an euler step keeps ``x − σ·ε`` fixed, so this runs
     euler_ancestral, whose added noise moves it.)"""
     base = models("sd15")
-    calls = []
-    m = apply_cat(base, keep_ratio=0.3, warmup_steps=0, prediction_space=space).clone()
-
-    def wrapper(apply_model, args):
-        out = apply_model(args["input"], args["timestep"], **args["c"])
-        calls.append((args["input"].clone(), args["timestep"].reshape(-1, 1, 1, 1).clone(), out.detach().clone()))
-        return out
-    m.set_model_unet_function_wrapper(wrapper)
-    run_sampler(m, latent_hw=UNET_HW, batch=1, steps=5, cfg=1.0, sampler="euler_ancestral")
+    log = CallLog(base)
+    run_sampler(log.wrap(apply_cat(base, keep_ratio=0.3, warmup_steps=0, prediction_space=space)), latent_hw=UNET_HW,
+                batch=1, steps=5, cfg=1.0, sampler="euler_ancestral")
     n = UNET_HW[0] * UNET_HW[1]
     for step in (2, 3, 4):  # the pruned steps (reference step 0, clustering step 1)
-        (xp, sp, outp), (x, s, out) = calls[step - 1], calls[step]
-        as_denoised, as_noise = outp, x - (xp - outp) / sp * s
+        out = log.outputs[step]
+        as_denoised, as_noise = log.held(step, "denoised"), log.held(step, "noise")
         same = {name: torch.isclose(out, held, rtol=1e-5, atol=1e-6).all(dim=1).sum().item()
                 for name, held in (("denoised", as_denoised), ("noise", as_noise))}
         assert same[space] == n - floor_keep(0.3, n), f"step {step}: {same}"

@@ -146,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--paired", action="store_true",
                    help="time every variant right next to an unpatched run (order alternating per round) and "
                         "report the median of the per-pair speedups: for machines whose speed drifts within minutes")
+    p.add_argument("--paired-against", metavar="VARIANT", default=None,
+                   help="with --paired: pair every other variant with VARIANT (one of --variants) instead of the "
+                        "unpatched model, which then runs once; the report gives each variant's median speedup "
+                        "over VARIANT, e.g. a schedule against dato-official@0.4 without an unpatched run per pair")
     p.add_argument("--skip-rerun", action="store_true",
                     help="skip the final unpatched drift-check run (saves one unpatched run at long step counts)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOPs pass (one extra model call per variant)")
@@ -188,6 +192,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             variants.append(parse_variant(args.profile, args.dato_schedule))
     except ValueError as e:
         p.error(str(e))
+    if args.paired_against is not None:
+        specs = [v.spec for v in variants]
+        if not args.paired:
+            p.error("--paired-against needs --paired")
+        if args.paired_against not in specs or args.paired_against == "unpatched":
+            p.error(f"--paired-against {args.paired_against!r} must be one of the patched --variants "
+                    f"({', '.join(specs[specs[0] == 'unpatched':])})")
+        if len(set(specs) - {"unpatched", args.paired_against}) < 1:
+            p.error("--paired-against needs at least one other patched variant to pair with it")
     if args.family in DIT_FAMILIES:
         problem = family_problem(variants, args.family)
         if problem:

@@ -204,6 +204,7 @@ class Result:
     pruned_flops: float | None = None  # cat: FLOPs of one pruned CFG model call (warmup-0 probe)
     latent: object = None  # torch.Tensor, not serialised
     pair_speedups: list = field(default_factory=list)  # --paired: unpatched / variant of adjacent runs
+    pair_ratios: list = field(default_factory=list)  # --paired-against B: B / variant of adjacent runs
     wall_all: list = field(default_factory=list)  # CUDA: host wall time of each timed run (seconds_all: CUDA events)
     gpu_peaks: list = field(default_factory=list)  # CUDA: peak allocated bytes of each timed run
     gpu_deltas: list = field(default_factory=list)  # CUDA: ... minus what was allocated before it
@@ -350,22 +351,30 @@ def time_rounds(bed: Testbed, meters: Meters, prepared: list[tuple[object, Resul
     """The timed runs, in rounds -- every variant once per round -- so that a burst of load from
     elsewhere on the machine hits one run of several variants rather than all runs of one.
 
-    --paired: each variant next to its own unpatched run, ABBA across rounds, so both halves of
-    a pair see the machine at the same speed; the pair's speedup goes to ``pair_speedups``.
+    --paired: each variant next to its own run of the pair's base, ABBA across rounds, so both
+    halves of a pair see the machine at the same speed. The base is the unpatched model (the
+    pair's speedup goes to ``pair_speedups``) or, with --paired-against, that variant (the pair's
+    ratio goes to ``pair_ratios``; the unpatched model then runs once, in the first round).
     """
+    against = getattr(bed.args, "paired_against", None)
+    base = next((p for p in prepared if p[1].spec == against), prepared[0])
     for round_ in range(bed.args.repeats):
         if not bed.args.paired:
             for model, res in prepared:
                 timed_run(bed, meters, model, res)
             continue
-        base_model, base_res = prepared[0]
+        if base is not prepared[0] and round_ == 0:
+            timed_run(bed, meters, *prepared[0])
         for model, res in prepared[1:]:
-            order = [(base_model, base_res), (model, res)]
+            if res is base[1]:
+                continue
+            order = [base, (model, res)]
             for m, r in (order if round_ % 2 == 0 else order[::-1]):
                 timed_run(bed, meters, m, r)
-            res.pair_speedups.append(base_res.seconds_all[-1] / res.seconds_all[-1])
+            pairs = res.pair_speedups if base is prepared[0] else res.pair_ratios
+            pairs.append(base[1].seconds_all[-1] / res.seconds_all[-1])
         if len(prepared) == 1:
-            timed_run(bed, meters, base_model, base_res)
+            timed_run(bed, meters, *base)
 
 
 def warm_up(bed: Testbed, prepared: list[tuple[object, Result]], runs: int) -> None:

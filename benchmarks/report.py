@@ -136,9 +136,10 @@ def markdown(report: dict) -> str:
         basis = r.get("flops_ideal_basis")
         if basis and not basis.startswith("FLOPs of one CFG model call") and r["flops_ideal_speedup"]:
             cache_notes.append(f"{r['variant']}: {basis}")
+    against = c.get("paired_against")
     speedup_text = (f"Speedup = median over {c['repeats']} rounds of unpatched / variant, each variant timed right "
                     f"next to its own unpatched run (--paired; order alternating per round; the s / image column is "
-                    f"the fastest run; unpatched {drift_text}). " if c.get("paired") else
+                    f"the fastest run; unpatched {drift_text}). " if c.get("paired") and not against else
                     f"Speedup = fastest unpatched run / variant (unpatched {drift_text}). ")
     lines += [
         "",
@@ -153,6 +154,15 @@ def markdown(report: dict) -> str:
            f"({c['peak_memory_method']}). ")
         + "Rel. error = ‖x − x_ref‖ / ‖x_ref‖ of the final latent.",
     ]
+    if against:
+        lines += ["", f"Paired against `{against}` (--paired-against): each variant timed right next to a run of "
+                      f"`{against}`, order alternating per round; ratio = `{against}` / variant time, median of the "
+                      f"pairs (> 1: faster than `{against}`).", "",
+                  f"| variant | faster than `{against}` (median) | per pair |", "|---|---:|---|"]
+        for r in report["results"]:
+            if r.get("pair_ratios"):
+                lines.append(f"| {r['variant']} | {r['paired_ratio']:.3f}× | "
+                             f"{', '.join(f'{x:.3f}' for x in r['pair_ratios'])} |")
     k = report.get("contention") or {}
     if k.get("variant"):
         lines += ["", f"Other load on the machine: the kept runs' threads waited for a CPU at most "
@@ -185,6 +195,8 @@ def _row(r, ref, ref_seconds: float, steps: int) -> dict:
         "seconds_per_step": r.seconds / steps,
         "speedup": statistics.median(r.pair_speedups) if r.pair_speedups else ref_seconds / r.seconds,
         "pair_speedups": [round(x, 4) for x in r.pair_speedups],
+        "pair_ratios": [round(x, 4) for x in r.pair_ratios],
+        "paired_ratio": statistics.median(r.pair_ratios) if r.pair_ratios else None,
         "flops_per_model_call": r.flops,
         "flops_per_pruned_call": r.pruned_flops,
         "flops_ideal_speedup": (ref.flops / r.flops) if (r.flops and ref.flops) else r.ideal,
@@ -217,12 +229,14 @@ def build_report(args, measured: Measured) -> dict:
             "width": args.width, "height": args.height, "latent": list(bed.latent.shape),
             "frames": getattr(args, "frames", 1), "steps": args.steps,
             "sampler": args.sampler, "scheduler": args.scheduler, "cfg": args.cfg, "seed": args.seed,
-            "repeats": args.repeats, "paired": bool(args.paired), "threads": torch.get_num_threads(),
+            "repeats": args.repeats, "paired": bool(args.paired),
+            "paired_against": getattr(args, "paired_against", None), "threads": torch.get_num_threads(),
             "attention": getattr(attn.optimized_attention, "__name__", str(attn.optimized_attention)),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
             "speedup_reference": ("median of the speedups of adjacent unpatched/variant pairs (--paired)"
-                                  if args.paired else "fastest of the first and the final unpatched run"),
+                                  if args.paired and not getattr(args, "paired_against", None)
+                                  else "fastest of the first and the final unpatched run"),
             "peak_memory_method": PeakRSS.method,
             "family": bed.info["arch"], "comfyui": comfyui_version(),
             "warmup": getattr(args, "warmup", 0) or 0, **device.describe(args),

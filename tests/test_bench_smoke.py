@@ -81,6 +81,38 @@ def test_bench_smoke_paired(tmp_path):
     assert rows["unpatched"]["pair_speedups"] == []
 
 
+def test_bench_smoke_paired_against_a_variant(tmp_path):
+    """--paired-against: every other variant timed next to that variant; unpatched runs once."""
+    report = _run(tmp_path, "--tiny", "--paired", "--paired-against", "sito@0.5", "--repeats", "2", "--no-flops",
+                  "--skip-rerun", timeout=300)
+    rows = {r["variant"]: r for r in report["results"]}
+    assert report["config"]["paired_against"] == "sito@0.5"
+    assert len(rows["unpatched"]["seconds_all"]) == 1
+    assert len(rows["sito@0.5"]["seconds_all"]) == 2 * 2  # one per other variant and round
+    for name in ("tome@0.5", "random@0.5"):
+        r = rows[name]
+        assert len(r["seconds_all"]) == 2 and r["pair_speedups"] == [] and len(r["pair_ratios"]) == 2
+        assert all(x > 0 and math.isfinite(x) for x in r["pair_ratios"])
+        lo, hi = sorted(r["pair_ratios"])
+        assert lo <= r["paired_ratio"] <= hi
+        # the speedup column is against the one unpatched run
+        assert r["speedup"] == pytest.approx(rows["unpatched"]["seconds_per_image"] / r["seconds_per_image"])
+    assert rows["sito@0.5"]["pair_ratios"] == [] and rows["sito@0.5"]["paired_ratio"] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "Paired against `sito@0.5`" in md and "| tome@0.5 |" in md.split("Paired against")[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--paired-against", "sito@0.5"), "needs --paired"),
+    (("--paired", "--paired-against", "sito@0.3"), "must be one of the patched --variants"),
+    (("--paired", "--paired-against", "unpatched"), "must be one of the patched --variants"),
+])
+def test_bench_paired_against_is_checked_before_anything_runs(extra, message):
+    cmd = [sys.executable, str(BENCH), "--tiny", "--variants", VARIANTS, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_bench_smoke_full_size(tmp_path):
     """The real-size SD1.5 UNet (860 M parameters) at 64x64 px: minutes on 2 CPU cores (weight-bound)."""

@@ -28,16 +28,19 @@ PRESETS = {
     "deepcache_10": lambda n, d: sched.Schedule.deepcache(n, 10, d),
     "pruning_only": lambda n, d: sched.Schedule.pruning_only(n),
 }
-# Found by benchmarks/schedule_search.py for 20 euler steps on the reference model (NSGA-II,
-# benchmarks/results/schedule-search-20-euler.md; held-out error against dato_official's 0.376
+# Found by benchmarks/schedule_search.py on the reference model (NSGA-II). 20 euler
+# (benchmarks/results/schedule-search-20-euler.md; held-out error against dato_official's 0.376
 # at 4.98x FLOPs-ideal): "balanced" 0.248 at 4.92x (searched at prune_ratio 0), "fast" 0.340 at
-# 6.64x (searched at prune_ratio 0.1). Their step depths are their own (cache_depth does not
-# apply); resampled like the other lists at other step counts.
+# 6.64x (searched at prune_ratio 0.1). 20 dpmpp_2m: "balanced" from the FLOPs-priced search
+# (held-out 0.330 at prune_ratio 0 against 0.391), "fast" from the search priced by the
+# SD1.5-size clock (schedule-search-20-dpmpp_2m-clock.md: held-out 0.395 at prune_ratio 0.4
+# against dato_official's 0.440, 1.08x its paired speed). Their step depths are their own
+# (cache_depth does not apply); resampled like the other lists at other step counts.
 SEARCHED = {
     "searched_20_balanced": "F Rx3 F Rx2 F Rx2 S1 Rx3 S2 Rx3 S2 S1",
     "searched_20_fast": "F Rx3 S1 Rx2 F Rx2 S1 Rx3 S1 Rx2 S3 Rx2",
     "searched_20_dpmpp_2m_balanced": "F S1 F R S1 Rx2 F Rx2 S1 Rx3 S2 Rx4 S1",
-    "searched_20_dpmpp_2m_fast": "F S1 Rx2 S1 Rx2 F Rx2 S1 Rx7 F S1",
+    "searched_20_dpmpp_2m_fast": "F S1 Rx2 S1 Rx2 F Rx2 S1 Rx3 F Rx4 S1",
 }
 PRESETS.update({name: (lambda n, d, text=text: sched.Schedule.parse(text).resample(n)) for name, text in SEARCHED.items()})
 DEFAULT_PRESET = "dato_official"
@@ -48,8 +51,8 @@ PRESET_HELP = ("dato_official: the schedule of the paper's final runs (5 full / 
                "full step every 5/10 steps, shallow in between; pruning_only: every step full, token pruning only; "
                "searched_20_balanced / searched_20_fast: found by the pack's schedule search for 20 euler steps (use "
                "prune_ratio 0 / 0.1): more faithful than dato_official at its speed / faster at better fidelity; "
-               "searched_20_dpmpp_2m_balanced / _fast: the same for 20 dpmpp_2m steps (prune_ratio 0; 0.4 on 512 px "
-               "SD1.5-size models, where pruning makes a step far cheaper).")
+               "searched_20_dpmpp_2m_balanced / _fast: the same for 20 dpmpp_2m steps (balanced: prune_ratio 0; "
+               "fast: prune_ratio 0.4, searched for 512 px SD1.5-size models, where pruning makes a step far cheaper).")
 SYNTAX_HELP = ("Steps separated by spaces: F = full, S2 = shallow with 2 outer block pairs, R = reuse the previous "
                "prediction, S1x3 = three S1 steps. E.g. 'F S1x4 F R S1x3'. Resampled to the step count; step 0 is always full.")
 
